@@ -1,0 +1,112 @@
+"""The MoE layer as three stages, on any dispatch backend: permute -> experts -> combine.
+
+A backend is anything with ``name``, ``layouts`` (the buffer layouts it supports, preferred
+first) and two functions with the torch backend's signatures:
+
+- ``permute(x_TD, d, layout) -> buffer`` (compact [N, D] or padded [E, C, D])
+- ``combine(y, d, layout) -> out_TD``
+
+Expert compute is the same ``ExpertFFN`` for every backend, so backends differ only in data
+movement. A benchmark times each stage through ``stage_hook``, a callable returning a context
+manager per stage name ('dispatch', 'experts', 'combine'), e.g. a timer that synchronises the
+device on entry and exit.
+
+Shape letters: T tokens, D hidden, E experts, C capacity, N kept assignments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
+
+import torch
+
+from . import einsum_backend, torch_backend
+from .dispatch import Dispatch
+from .experts import ExpertFFN
+
+STAGES = ("dispatch", "experts", "combine")
+
+
+class Backend(Protocol):
+    """What ``moe_forward`` needs from a dispatch backend (modules satisfy it structurally)."""
+
+    name: str
+    layouts: tuple[str, ...]
+
+    def permute(self, x_TD: torch.Tensor, d: Dispatch, layout: str) -> torch.Tensor: ...
+
+    def combine(self, y: torch.Tensor, d: Dispatch, layout: str) -> torch.Tensor: ...
+
+
+BACKENDS: dict[str, Backend] = {
+    "torch": torch_backend,
+    "einsum": einsum_backend,
+    # "triton": kernels.triton_backend goes here, with the same permute/combine signatures. It
+    # imports triton, so register it behind a guard that leaves it out where triton is missing.
+}
+
+
+def list_backends() -> list[str]:
+    """Names of the registered dispatch backends."""
+    return list(BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    """The backend registered under ``name``; an unknown name raises ValueError listing the valid ones."""
+    try:
+        return BACKENDS[name]
+    except (KeyError, TypeError):
+        valid = ", ".join(repr(n) for n in BACKENDS)
+        raise ValueError(f"backend must be one of {valid} (got {name!r})") from None
+
+
+StageHook = Callable[[str], AbstractContextManager]
+
+
+def moe_forward(
+    x_TD: torch.Tensor,
+    d: Dispatch,
+    ffn: ExpertFFN,
+    backend: str = "torch",
+    layout: str | None = None,
+    stage_hook: StageHook | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Run one MoE layer over a dispatched plan.
+
+    x_TD: [T, D] hidden states in the experts' dtype and device. d: the plan's ``Dispatch``.
+    backend: a name in ``BACKENDS``. layout: 'compact' or 'padded'; None picks the backend's
+    preferred layout (compact for torch, padded for einsum, which supports nothing else).
+    stage_hook: called with each stage name; the returned context manager wraps that stage.
+
+    Returns (out_TD [T, D] in x's dtype, stage outputs ``{'dispatch': permuted buffer,
+    'experts': expert output buffer, 'combine': out_TD}``) so a benchmark can count the bytes
+    each stage wrote.
+    """
+    impl = get_backend(backend)
+    if layout is None:
+        layout = impl.layouts[0]
+    if layout not in impl.layouts:
+        allowed = " or ".join(repr(a) for a in impl.layouts)
+        raise ValueError(f"layout must be {allowed} for backend {backend!r} (got {layout!r})")
+    if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or x_TD.shape != (d.num_tokens, ffn.hidden):
+        raise ValueError(
+            f"x_TD must be [T, D] with T={d.num_tokens}, D={ffn.hidden} (got {getattr(x_TD, 'shape', x_TD)})"
+        )
+    if x_TD.dtype != ffn.w_gate.dtype or x_TD.device != ffn.w_gate.device:
+        raise ValueError(
+            f"x_TD dtype/device {x_TD.dtype}/{x_TD.device} differs from the experts' "
+            f"{ffn.w_gate.dtype}/{ffn.w_gate.device} (cast with ffn.to(...))"
+        )
+    if ffn.num_experts != d.num_experts:
+        raise ValueError(f"ffn has {ffn.num_experts} experts but the dispatch has {d.num_experts}")
+    hook: StageHook = stage_hook if stage_hook is not None else (lambda _stage: nullcontext())
+
+    with hook("dispatch"):
+        x_buf = impl.permute(x_TD, d, layout)
+    with hook("experts"):
+        y_buf = ffn.forward_compact(x_buf, d.counts_E) if layout == "compact" else ffn.forward_padded(x_buf)
+    with hook("combine"):
+        out_TD = impl.combine(y_buf, d, layout)
+    return out_TD, {"dispatch": x_buf, "experts": y_buf, "combine": out_TD}

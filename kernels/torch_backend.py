@@ -1,0 +1,85 @@
+"""Index-based dispatch in plain torch: the CPU fast path and the oracle for the other backends.
+
+permute gathers token rows into an expert-major buffer; combine gathers each kept row back,
+scales it by its gate weight and sums it into its token. Both are differentiable with respect to
+the hidden states and the gate weights, and neither allocates anything of size T * E.
+
+Shape letters: T tokens, D hidden, E experts, C capacity (padded), N kept assignments.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .dispatch import LAYOUTS, Dispatch, check_layout
+
+name = "torch"
+layouts = LAYOUTS
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype in which combine sums expert outputs: float32, or float64 for float64 inputs.
+
+    Summing K bf16 products in bf16 loses bits that depend on the summation order; summing in
+    float32 makes every backend agree to the final cast.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_x(x_TD: torch.Tensor, d: Dispatch) -> None:
+    if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or x_TD.shape[0] != d.num_tokens:
+        raise ValueError(f"x_TD must be [T, D] with T={d.num_tokens} (got {getattr(x_TD, 'shape', x_TD)})")
+    if x_TD.device != d.device:
+        raise ValueError(f"x_TD is on {x_TD.device} but the dispatch is on {d.device}")
+
+
+def _check_y(y: torch.Tensor, d: Dispatch, layout: str) -> None:
+    if layout == "compact":
+        want: tuple[int, ...] = (d.num_kept,)
+        text = f"[N, D] with N={d.num_kept}"
+    else:
+        want = (d.num_experts, d.padded_capacity)
+        text = f"[E, C, D] with E={d.num_experts}, C={d.padded_capacity}"
+    if not isinstance(y, torch.Tensor) or y.dim() != len(want) + 1 or tuple(y.shape[:-1]) != want:
+        raise ValueError(f"y must be {text} for layout {layout!r} (got {getattr(y, 'shape', y)})")
+    if y.device != d.device:
+        raise ValueError(f"y is on {y.device} but the dispatch is on {d.device}")
+
+
+def permute(x_TD: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.Tensor:
+    """Gather kept token rows into an expert-major buffer.
+
+    x_TD: [T, D]. Returns compact x_ND [N, D] (rows by expert, then rank) or padded x_ECD
+    [E, C, D] with unused slots zero; same dtype and device as x_TD.
+    """
+    check_layout(layout, layouts)
+    _check_x(x_TD, d)
+    if layout == "compact":
+        # token_by_row_N already lists tokens in row order: one gather, no scatter.
+        return x_TD.index_select(0, d.token_by_row_N)
+    e, c, dim = d.num_experts, d.padded_capacity, x_TD.shape[1]
+    buf = x_TD.new_zeros((e * c, dim))
+    # index_copy (not in-place indexing) keeps the graph: gradient flows back to x_TD's rows.
+    buf = buf.index_copy(0, d.slot_N, x_TD.index_select(0, d.token_N))
+    return buf.view(e, c, dim)
+
+
+def combine(y: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.Tensor:
+    """Weighted sum of expert outputs back to tokens.
+
+    y: compact y_ND [N, D] or padded y_ECD [E, C, D] (as returned by the experts).
+    Returns out_TD [T, D] in y's dtype: ``out[t] = sum over kept n of token t: weight_N[n] * y[n]``,
+    accumulated in float32 (float64 for float64 y). Tokens with no kept expert get zeros.
+    """
+    check_layout(layout, layouts)
+    _check_y(y, d, layout)
+    dim = y.shape[-1]
+    if layout == "compact":
+        rows_ND = y.index_select(0, d.row_N)
+    else:
+        rows_ND = y.reshape(-1, dim).index_select(0, d.slot_N)
+    acc = accumulate_dtype(y.dtype)
+    weighted_ND = rows_ND.to(acc) * d.weight_N.to(acc).unsqueeze(1)
+    out_TD = torch.zeros((d.num_tokens, dim), dtype=acc, device=y.device)
+    out_TD = out_TD.index_add(0, d.token_N, weighted_ND)
+    return out_TD.to(y.dtype)

@@ -1,0 +1,119 @@
+"""The capacity formula, batch validation and config validation."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+from routers import Batch, RoutingError, build_router, capacity
+from routers.contract import Plan
+
+
+@pytest.mark.parametrize(
+    ("cf", "k", "t", "e", "expected"),
+    [
+        (1.0, 1, 4096, 64, 64),
+        (1.25, 1, 4096, 64, 80),
+        (1.25, 2, 4096, 64, 160),
+        # 1.1 * 100 / 10 is 11.000000000000002 in floats: ceil would give 12; exactly it is 11.
+        (1.1, 1, 100, 10, 11),
+        (1.1, 1, 100, 2, 55),  # floats: 55.00000000000001 -> 56
+        (1.1, 8, 100, 10, 88),  # floats: 88.00000000000001 -> 89
+        (0.7, 3, 10, 1, 10),  # 21 clamped to T
+        (0.01, 1, 100, 64, 1),  # clamped up to 1
+        (8.0, 1, 100, 2, 100),  # clamped down to T
+        (1.0, 2, 3, 4, 2),  # ceil(6 / 4)
+    ],
+)
+def test_capacity_exact(cf, k, t, e, expected):
+    assert capacity(cf, t, e, k) == expected
+    # The same figure from exact rationals, independent of the implementation.
+    assert expected == min(max(math.ceil(Fraction(str(cf)) * k * t / e), 1), t)
+
+
+def test_float_rounding_cases_really_differ():
+    # Guards the cases above: the naive float formula gives a different answer here.
+    assert math.ceil(1.1 * 1 * 100 / 10) == 12
+    assert math.ceil(1.1 * 8 * 100 / 10) == 89
+    assert capacity(1.1, 100, 10) == 11
+
+
+def test_min_capacity_raises_after_clamp():
+    assert capacity(0.01, 100, 64, 1, min_capacity=4) == 4
+    assert (
+        build_router("switch", num_experts=64, capacity_factor=0.01, min_capacity=4).config.capacity_for(100)
+        == 4
+    )
+
+
+def test_capacity_fractional_k_and_fraction_cf():
+    assert capacity(Fraction(5, 4), 4096, 64, Fraction(1)) == 80
+    assert capacity(1.0, 10, 4, 1.5) == 4  # ceil(15 / 4)
+
+
+@pytest.mark.parametrize("cf", [0, -1.0])
+def test_capacity_rejects_non_positive(cf):
+    with pytest.raises(RoutingError, match="capacity_factor"):
+        capacity(cf, 10, 2)
+
+
+def test_batch_validation_names_the_parameter():
+    with pytest.raises(RoutingError, match="finite"):
+        Batch(logits_TE=torch.tensor([[0.0, float("nan")]]), token_T=torch.tensor([0]))
+    with pytest.raises(RoutingError, match="finite"):
+        Batch(logits_TE=torch.tensor([[0.0, float("inf")]]), token_T=torch.tensor([0]))
+    with pytest.raises(RoutingError, match="same length"):
+        Batch(logits_TE=torch.zeros(3, 2), token_T=torch.tensor([0, 1]))
+    with pytest.raises(RoutingError, match="T = 0"):
+        Batch(logits_TE=torch.zeros(0, 2), token_T=torch.zeros(0, dtype=torch.int64))
+    with pytest.raises(RoutingError, match="2-D"):
+        Batch(logits_TE=torch.zeros(4), token_T=torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(RoutingError, match="int64"):
+        Batch(logits_TE=torch.zeros(2, 2), token_T=torch.zeros(2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    ("opts", "match"),
+    [
+        ({"num_experts": 4, "top_k": 5}, "top_k must be between 1 and num_experts = 4"),
+        ({"num_experts": 4, "top_k": 0}, "top_k must be an integer >= 1"),
+        ({"num_experts": 0}, "num_experts must be an integer >= 1"),
+        ({"capacity_factor": 0.0}, "capacity_factor must be > 0"),
+        ({"capacity_factor": -2}, "capacity_factor must be > 0"),
+        ({"capacity_factor": float("nan")}, "capacity_factor must be a finite number"),
+        ({"drop_policy": "random"}, "drop_policy must be one of 'position', 'probs'"),
+        ({"colour": "red"}, "unknown router option 'colour'; valid options: num_experts"),
+        ({"top_k": "two"}, "router option top_k must be int"),
+    ],
+)
+def test_config_errors(opts, match):
+    with pytest.raises(RoutingError, match=match):
+        build_router("topk", **opts)
+
+
+def test_string_options_are_parsed_by_field_type():
+    r = build_router("topk", num_experts="8", top_k="2", capacity_factor="1.5", drop_policy="probs")
+    assert (r.config.num_experts, r.config.top_k, r.config.capacity_factor) == (8, 2, 1.5)
+    assert build_router("topk", capacity_factor="none").config.capacity_factor is None
+    assert build_router("switch", batch_prioritized="true").config.batch_prioritized is True
+
+
+def test_router_rejects_batch_with_other_expert_count(make_batch):
+    with pytest.raises(RoutingError, match="num_experts = 4"):
+        build_router("switch", num_experts=4).route(make_batch(torch.zeros(3, 5)))
+
+
+def test_plan_validates_its_arrays():
+    with pytest.raises(RoutingError, match="one length"):
+        Plan(
+            torch.zeros(3, dtype=torch.int64),
+            torch.zeros(2, dtype=torch.int64),
+            torch.zeros(3),
+            3,
+            2,
+            None,
+            1,
+        )
