@@ -21,7 +21,7 @@ from routers.registry import (
 from workloads import UniformConfig, UniformWorkload
 
 from .metrics import METRICS
-from .simulate import RouteResult, describe_config, find_target_drop, route_batches
+from .simulate import RouteResult, describe_config, find_target_drop, route_batches, wants_fit
 from .timing import resolve_device
 
 ERROR_EXIT = 2
@@ -154,6 +154,7 @@ def route_cmd(
         raise RoutingError(f"--batches must be >= 1 (got {num_batches})")
     cf = _parse_cf(cf_text)
     workload = UniformWorkload(UniformConfig(seed=seed))
+    fit_workload = UniformWorkload(UniformConfig(seed=seed + 1))  # a slice the runs never see
     make_batches = lambda: workload.batches(num_tokens, num_experts, num_batches, dev)
 
     per_router = _router_options(router_opts, names)
@@ -172,14 +173,18 @@ def route_cmd(
     results: dict[str, RouteResult] = {}
     extra: dict[str, dict[str, Any]] = {}
     for name, router in routers.items():
+        # Routers that learn (fit) read a separate slice of the stream, never a measured batch.
+        fit_sample = (
+            next(fit_workload.batches(num_tokens, num_experts, 1, dev)) if wants_fit(router) else None
+        )
         if target_drop is not None:
             c, cf_found, res = find_target_drop(
-                name, options_for(name), make_batches, num_tokens, target_drop, dev
+                name, options_for(name), make_batches, num_tokens, target_drop, dev, fit_sample
             )
             extra[name] = {"target_drop": target_drop, "capacity": c, "capacity_factor": float(cf_found)}
             results[name] = res
         else:
-            results[name] = route_batches(router, make_batches(), dev)
+            results[name] = route_batches(router, make_batches(), dev, fit_sample)
 
     if fmt == "json":
         click.echo(json.dumps(_json_out(results, extra, num_tokens, num_batches, seed, str(dev)), indent=2))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from kernels.positions import positions
-from routers.contract import Router, RoutingError
+from routers.contract import Batch, Router, RoutingError
 from routers.registry import build_router
 
 from .metrics import BatchLoads, aggregate, batch_metrics
@@ -45,8 +45,21 @@ class RouteResult:
         return self.tokens / self.seconds if self.seconds > 0 else math.nan
 
 
-def route_batches(router: Router, batches, device: str | torch.device = "cpu") -> RouteResult:
-    """Route every batch, calling ``fit`` never and ``update`` after each batch."""
+def wants_fit(router: Router) -> bool:
+    """Whether the router overrides ``fit`` (learns from a separate slice of the stream)."""
+    return type(router).fit is not Router.fit
+
+
+def route_batches(
+    router: Router, batches, device: str | torch.device = "cpu", fit_sample: Batch | None = None
+) -> RouteResult:
+    """Route every batch, calling ``update`` after each one.
+
+    fit_sample: a batch from a separate slice of the stream, never one of the measured batches;
+    given to ``router.fit`` first (untimed) when the router learns from data.
+    """
+    if fit_sample is not None:
+        router.fit(fit_sample)
     per_batch: list[dict[str, float]] = []
     loads: list[BatchLoads] = []
     seconds = 0.0
@@ -79,6 +92,7 @@ def find_target_drop(
     num_tokens: int,
     target: float,
     device: str | torch.device = "cpu",
+    fit_sample: Batch | None = None,
 ) -> tuple[int, Fraction, RouteResult]:
     """Smallest capacity C (and the capacity factor that gives exactly C) whose mean drop rate
     over the batches is at most ``target``. Binary search over integer C: the drop rate of a
@@ -93,7 +107,7 @@ def find_target_drop(
         # Any cf in ((C - 1) E / (K T), C E / (K T)] gives C; the upper end is exact.
         cf = Fraction(c * num_experts) / (k * num_tokens)
         router = build_router(router_name, **{**options, "capacity_factor": cf})
-        return route_batches(router, make_batches(), device)
+        return route_batches(router, make_batches(), device, fit_sample)
 
     first = run_at(num_tokens)
     if first.capacity is None:
