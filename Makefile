@@ -8,10 +8,14 @@ VPY    := $(VENV)/bin/python
 STAMP  := $(VENV)/.setup-stamp
 # CPU wheel on a machine without CUDA; on a GPU box the system torch is reused instead.
 TORCH_CPU := torch==2.13.0
+# CPU-only machines (Linux) also pin triton to the GPU host's version (triton 3.6 beside torch
+# 2.11 there): the CPU tier runs the Triton kernels in its interpreter and compiles them for sm_90
+# with it, so what passes here is the language and compiler the GPU runs. A GPU box keeps its own.
+TRITON_CPU := triton==3.6.0
 PYTEST := $(VPY) -m pytest
 ARGS ?=
 
-.PHONY: setup test test-all test-gpu lint format bench bench-route clean
+.PHONY: setup test test-all test-gpu lint format bench report compare bench-route bench-kernels gpu-check gpu-check-dry clean
 
 setup: $(STAMP)
 
@@ -30,6 +34,9 @@ $(STAMP): pyproject.toml Makefile
 	else \
 	  echo "setup: installing CPU $(TORCH_CPU)"; \
 	  $(VPY) -m pip install --quiet $(TORCH_CPU); \
+	fi; \
+	if [ "$$(uname -s)" = Linux ] && ! $(VPY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then \
+	  $(VPY) -m pip install --quiet $(TRITON_CPU); \
 	fi; \
 	$(VPY) -m pip install --quiet -e ".[dev]"; \
 	touch $(STAMP); \
@@ -52,16 +59,38 @@ format: setup
 	$(VPY) -m ruff format .
 	$(VPY) -m ruff check --fix .
 
-# Until the full harness lands (`moe-bench run`), the main job compares every registered router
-# on the uniform workload, then measures routing cost against a bare softmax + topk.
-BENCH_ROUTE ?= --router all --tokens 4096 --experts 64 --capacity-factor 1.25 --batches 100
+# The main job: the default sweep (every router x workload x size), then its report.
+BENCH_CONFIG ?= default
 bench: setup
-	$(VENV)/bin/moe-bench route $(BENCH_ROUTE) $(ARGS)
-	$(VPY) -m bench.route_perf --tokens 262144
+	$(VENV)/bin/moe-bench run --config $(BENCH_CONFIG) $(ARGS)
+	$(VENV)/bin/moe-bench report $$(ls -1d results/2*/ | tail -1)
 
+# Render the newest run (or RUN=results/<id>) into RUN/report/.
+report: setup
+	$(VENV)/bin/moe-bench report $(or $(RUN),$$(ls -1d results/2*/ | tail -1)) $(ARGS)
+
+# What changed between two runs: make compare A=results/<id> B=results/<id>
+compare: setup
+	$(VENV)/bin/moe-bench compare $(A) $(B) $(ARGS)
 
 bench-route: setup
 	$(VPY) -m bench.route_perf $(ARGS)
+
+# Dispatch-kernel microbenchmarks on this machine's device (pytest-benchmark; not part of `make test`).
+bench-kernels: setup
+	@mkdir -p results/kernels
+	$(PYTEST) bench/bench_kernels.py -p no:cacheprovider -rP --benchmark-enable --benchmark-columns=median,iqr,rounds \
+	  --benchmark-json=results/kernels/$$(date +%Y%m%d-%H%M%S).json $(ARGS)
+
+# The one prepared GPU check (tests/gpu, then the permute/combine bandwidth benchmark), for a GPU
+# host whose python3 already has torch + triton and no internet: nothing is installed or fetched.
+# It uses .venv where one exists, else the system python3. ARGS=--dry-run rehearses it on CPU.
+GPU_PYTHON ?= $(shell test -x $(VPY) && echo $(VPY) || echo python3)
+gpu-check:
+	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m bench.gpu_check $(ARGS)
+
+gpu-check-dry: setup
+	$(VPY) -m bench.gpu_check --dry-run $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .benchmarks *.egg-info

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import warnings
 from typing import Any
 
 import click
@@ -14,12 +15,14 @@ from routers.registry import (
     build_router,
     config_fields,
     list_routers,
-    load_plugin,
     loaded_plugins,
     router_names,
 )
-from workloads import UniformConfig, UniformWorkload
+from workloads import build_workload, list_workloads, workload_options
+from workloads import load_plugin as load_any_plugin
+from workloads import loaded_plugins as loaded_workload_plugins
 
+from .breakdown import FREQ_BUCKETS, POS_BUCKETS, breakdown
 from .metrics import METRICS
 from .simulate import RouteResult, describe_config, find_target_drop, route_batches, wants_fit
 from .timing import resolve_device
@@ -44,8 +47,9 @@ def main() -> None:
 
 
 def _load_plugins(plugins: tuple[str, ...]) -> None:
+    # One execution per file: it may register routers, workloads or both.
     for path in plugins:
-        load_plugin(path)
+        load_any_plugin(path)
 
 
 plugin_option = click.option(
@@ -53,21 +57,26 @@ plugin_option = click.option(
     "plugins",
     multiple=True,
     metavar="FILE.py",
-    help="Load routers from a Python file (repeatable).",
+    help="Load routers and workloads from a Python file (repeatable).",
 )
 
 
 @main.command("list")
-@click.argument("what", type=click.Choice(["routers"]), default="routers")
+@click.argument("what", type=click.Choice(["routers", "workloads"]), default="routers")
 @plugin_option
 def list_cmd(what: str, plugins: tuple[str, ...]) -> None:
-    """List registered routers with one-line descriptions."""
+    """List registered routers, or workloads (with their options), with one-line descriptions."""
     _load_plugins(plugins)
-    rows = list_routers()
+    rows = list_routers() if what == "routers" else list_workloads()
     width = max(len(n) for n, _ in rows)
     for name, desc in rows:
         click.echo(f"{name:<{width}}  {desc}")
-    for p in loaded_plugins():
+        if what == "workloads":
+            opts = ", ".join(
+                f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in workload_options(name).items()
+            )
+            click.echo(f"{'':<{width}}    options: {opts}")
+    for p in loaded_plugins() + loaded_workload_plugins():
         click.echo(f"plugin loaded: {p}", err=True)
 
 
@@ -98,6 +107,21 @@ def _router_options(pairs: tuple[str, ...], names: list[str]) -> dict[str, dict[
     return per_router
 
 
+def _workload_options(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``--workload-opt key=value`` pairs; values are parsed by the workload config's field types."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise RoutingError(f"--workload-opt must look like key=value (got {pair!r})")
+        out[key.strip()] = value
+    return out
+
+
+def _warn_line(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"moe-bench: warning: {message}", err=True)
+
+
 def _parse_cf(text: str | None) -> float | str | None:
     """None: the router's default. 'none'/'dropless': no capacity. Else a number > 0."""
     if text is None:
@@ -126,6 +150,26 @@ def _parse_cf(text: str | None) -> float | str | None:
 @click.option(
     "--router-opt", "router_opts", multiple=True, metavar="KEY=VALUE", help="Any router config field."
 )
+@click.option(
+    "--workload",
+    "workload_name",
+    default="uniform",
+    show_default=True,
+    help="Workload that makes the batches (`moe-bench list workloads`).",
+)
+@click.option(
+    "--workload-opt",
+    "workload_opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Any workload config field, e.g. s=1.2, lang=de, path=trace.parquet.",
+)
+@click.option(
+    "--breakdown",
+    "show_breakdown",
+    is_flag=True,
+    help="Also split drops by token-frequency bucket and position quartile.",
+)
 @click.option("--target-drop", type=float, default=None, help="Report the smallest cf whose drop rate <= P.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
@@ -139,12 +183,38 @@ def route_cmd(
     num_batches: int,
     seed: int,
     router_opts: tuple[str, ...],
+    workload_name: str,
+    workload_opts: tuple[str, ...],
+    show_breakdown: bool,
     target_drop: float | None,
     device: str,
     fmt: str,
     plugins: tuple[str, ...],
 ) -> None:
-    """Route B batches of the `uniform` workload and print every routing metric (mean and SE)."""
+    """Route B batches of a workload (default `uniform`) and print every routing metric (mean and SE)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _warn_line  # one line on stderr, no source excerpt
+        _route(**locals())
+
+
+def _route(
+    router_spec: str,
+    num_tokens: int,
+    num_experts: int,
+    top_k: int | None,
+    cf_text: str | None,
+    num_batches: int,
+    seed: int,
+    router_opts: tuple[str, ...],
+    workload_name: str,
+    workload_opts: tuple[str, ...],
+    show_breakdown: bool,
+    target_drop: float | None,
+    device: str,
+    fmt: str,
+    plugins: tuple[str, ...],
+) -> None:
     _load_plugins(plugins)
     dev = resolve_device(device)
     names = router_names() if router_spec.strip() == "all" else [n.strip() for n in router_spec.split(",")]
@@ -153,9 +223,20 @@ def route_cmd(
     if num_batches < 1:
         raise RoutingError(f"--batches must be >= 1 (got {num_batches})")
     cf = _parse_cf(cf_text)
-    workload = UniformWorkload(UniformConfig(seed=seed))
-    fit_workload = UniformWorkload(UniformConfig(seed=seed + 1))  # a slice the runs never see
+    workload = build_workload(workload_name, _workload_options(workload_opts), seed=seed)
+    fixed_e = workload.num_experts_fixed  # a trace decides E; an explicit, different -E is refused
+    if fixed_e is not None:
+        source = click.get_current_context().get_parameter_source("num_experts")
+        if source in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP):
+            num_experts = fixed_e
     make_batches = lambda: workload.batches(num_tokens, num_experts, num_batches, dev)
+    fit_cache: list[Any] = []
+
+    def fit_slice():
+        # Routers that learn (fit) read the workload's own fit slice, never a measured batch.
+        if not fit_cache:
+            fit_cache.append(workload.fit_sample(num_tokens, num_experts, dev))
+        return fit_cache[0]
 
     per_router = _router_options(router_opts, names)
 
@@ -173,10 +254,7 @@ def route_cmd(
     results: dict[str, RouteResult] = {}
     extra: dict[str, dict[str, Any]] = {}
     for name, router in routers.items():
-        # Routers that learn (fit) read a separate slice of the stream, never a measured batch.
-        fit_sample = (
-            next(fit_workload.batches(num_tokens, num_experts, 1, dev)) if wants_fit(router) else None
-        )
+        fit_sample = fit_slice() if wants_fit(router) else None
         if target_drop is not None:
             c, cf_found, res = find_target_drop(
                 name, options_for(name), make_batches, num_tokens, target_drop, dev, fit_sample
@@ -186,17 +264,40 @@ def route_cmd(
         else:
             results[name] = route_batches(router, make_batches(), dev, fit_sample)
 
+    splits: dict[str, dict[str, Any]] = {}
+    if show_breakdown:
+        for name, res in results.items():
+            fit_sample = fit_slice() if wants_fit(res.router) else None
+            splits[name] = breakdown(res.router, make_batches, fit_sample)
+
+    wl = {"name": workload.name, "options": workload.config.as_dict()}
     if fmt == "json":
-        click.echo(json.dumps(_json_out(results, extra, num_tokens, num_batches, seed, str(dev)), indent=2))
+        out = _json_out(results, extra, num_tokens, num_batches, seed, str(dev), wl)
+        for name, split in splits.items():
+            (out if len(results) == 1 else out[name])["breakdown"] = _nan_to_none(split)
+        click.echo(json.dumps(out, indent=2, default=_json_default))
     else:
-        _print_tables(results, extra, num_tokens, num_batches, seed, str(dev))
+        _print_tables(results, extra, num_tokens, num_batches, seed, str(dev), wl)
+        if splits:
+            _print_breakdown(splits)
 
 
 def _num(x: float) -> float | None:
     return None if isinstance(x, float) and math.isnan(x) else x
 
 
-def _json_out(results, extra, num_tokens, num_batches, seed, device) -> dict[str, Any]:
+def _json_default(x: Any) -> Any:
+    return str(x)
+
+
+def _nan_to_none(x: Any) -> Any:
+    """JSON has no NaN: undefined values (expert choice's drop rate) become null."""
+    if isinstance(x, dict):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _json_out(results, extra, num_tokens, num_batches, seed, device, wl) -> dict[str, Any]:
     def one(name: str, res: RouteResult) -> dict[str, Any]:
         out: dict[str, Any] = {k: {"mean": _num(m), "se": _num(s)} for k, (m, s) in res.summary.items()}
         out["config"] = {
@@ -204,8 +305,9 @@ def _json_out(results, extra, num_tokens, num_batches, seed, device) -> dict[str
             **describe_config(res.router),
             "tokens": num_tokens,
             "batches": num_batches,
-            "workload": "uniform",
-            "workload_seed": seed,
+            "workload": wl["name"],
+            "workload_options": wl["options"],
+            "workload_seed": wl["options"].get("seed", seed),
             "capacity": res.capacity,
             "top_k_effective": res.top_k,
             "device": device,
@@ -229,14 +331,14 @@ def _fmt(x: float) -> str:
     return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
 
 
-def _print_tables(results, extra, num_tokens, num_batches, seed, device) -> None:
+def _print_tables(results, extra, num_tokens, num_batches, seed, device, wl) -> None:
     for name, res in results.items():
         cfg = res.router.config
         cap = "dropless" if res.capacity is None else f"C={res.capacity}"
         cf = extra.get(name, {}).get("capacity_factor", cfg.capacity_factor)
         line = (
             f"{name}: T={num_tokens} E={cfg.num_experts} K={res.top_k:g} {cap} (cf={cf}) "
-            f"batches={num_batches} seed={seed} device={device}  route+metrics "
+            f"batches={num_batches} seed={seed} workload={wl['name']} device={device}  route+metrics "
             f"{res.seconds:.3f} s ({res.tokens_per_s / 1e6:.2f} M tokens/s)"
         )
         if name in extra:
@@ -258,6 +360,49 @@ def _print_tables(results, extra, num_tokens, num_batches, seed, device) -> None
             cells.append(f"{_fmt(m)} ± {_fmt(s)}" if not math.isnan(m) else "n/a")
         click.echo(f"{key:<20}" + "".join(f"{c:>{width}}" for c in cells))
 
+
+def _print_breakdown(splits: dict[str, dict[str, Any]]) -> None:
+    """drop_rate / tokens_dropped_frac per bucket, one column per router (bench/breakdown.py)."""
+    names = list(splits)
+    first = splits[names[0]]
+    width = max(22, *(len(n) + 2 for n in names))
+    click.echo(
+        "\nbreakdown: drop_rate / tokens_dropped_frac, pooled over batches (frequency: thirds of token "
+        "occurrences by id count; position: quartile within the sequence)"
+    )
+    click.echo(f"{'bucket':<16}{'tokens':>8}" + "".join(f"{n:>{width}}" for n in names))
+    for group, buckets, label in (
+        ("token_frequency", FREQ_BUCKETS, ""),
+        ("position", POS_BUCKETS, "position "),
+    ):
+        for b in buckets:
+            share = first[group][b]["token_share"]
+            cells = []
+            for n in names:
+                row = splits[n][group][b]
+                cells.append(f"{_fmt(row['drop_rate'])} / {_fmt(row['tokens_dropped_frac'])}")
+            click.echo(f"{label + b:<16}{f'{share * 100:.1f}%':>8}" + "".join(f"{c:>{width}}" for c in cells))
+
+
+from .capture import capture_cmd  # noqa: E402
+from .merge import merge_cmd  # noqa: E402  (each command group lives in its own module)
+from .run_cmd import run_cmd  # noqa: E402
+
+main.add_command(run_cmd)
+from .report_cmd import compare_cmd, report_cmd  # noqa: E402  (report and compare)
+
+main.add_command(report_cmd)
+main.add_command(compare_cmd)
+main.add_command(merge_cmd)
+
+from .ep_cmd import ep_cmd, simulate_cmd  # noqa: E402  (expert parallelism and the cluster simulator)
+
+main.add_command(ep_cmd)
+main.add_command(simulate_cmd)
+main.add_command(capture_cmd)
+from .quality_cmd import quality_cmd  # noqa: E402  (routing quality: train a tiny MoE LM per router)
+
+main.add_command(quality_cmd)
 
 if __name__ == "__main__":
     sys.exit(main())

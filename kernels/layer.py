@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from . import einsum_backend, torch_backend
+from . import einsum_backend, torch_backend, triton_backend
 from .dispatch import Dispatch
 from .experts import ExpertFFN
 
@@ -43,14 +43,38 @@ class Backend(Protocol):
 BACKENDS: dict[str, Backend] = {
     "torch": torch_backend,
     "einsum": einsum_backend,
-    # "triton": kernels.triton_backend goes here, with the same permute/combine signatures. It
-    # imports triton, so register it behind a guard that leaves it out where triton is missing.
+    # Registered everywhere: the module imports triton only when a call can run (a CUDA GPU, or
+    # the interpreter on CPU) and otherwise says why it cannot (see ``resolve_backend``).
+    "triton": triton_backend,
 }
 
 
 def list_backends() -> list[str]:
-    """Names of the registered dispatch backends."""
+    """Names of the registered dispatch backends (whether or not each can run here)."""
     return list(BACKENDS)
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """The backend that really runs for ``name`` on ``device``: record this, not the request.
+
+    'auto' picks 'triton' on a CUDA device where triton is installed, else 'torch'. A registered
+    name resolves to itself when it can run there; 'triton' cannot on a CPU unless the process
+    runs triton's interpreter (TRITON_INTERPRET=1, tests), nor where triton is not installed:
+    then this raises ValueError saying why. An unknown name raises ValueError listing the valid.
+    """
+    dev = torch.device(device)
+    if name == "auto":
+        return "triton" if triton_backend.runtime_error(dev) is None and dev.type == "cuda" else "torch"
+    get_backend(name)
+    if name == "triton":
+        triton_backend.require_runtime(dev)
+    return name
+
+
+def available_backends(device: torch.device | str) -> list[str]:
+    """Registered backends that can run on ``device`` in this process (see ``resolve_backend``)."""
+    dev = torch.device(device)
+    return [n for n in BACKENDS if n != "triton" or triton_backend.runtime_error(dev) is None]
 
 
 def get_backend(name: str) -> Backend:
@@ -77,7 +101,8 @@ def moe_forward(
 
     x_TD: [T, D] hidden states in the experts' dtype and device. d: the plan's ``Dispatch``.
     backend: a name in ``BACKENDS``. layout: 'compact' or 'padded'; None picks the backend's
-    preferred layout (compact for torch, padded for einsum, which supports nothing else).
+    preferred layout (compact for torch and triton, padded for einsum, which supports nothing
+    else). 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on CPU): ``resolve_backend``.
     stage_hook: called with each stage name; the returned context manager wraps that stage.
 
     Returns (out_TD [T, D] in x's dtype, stage outputs ``{'dispatch': permuted buffer,

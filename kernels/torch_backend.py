@@ -10,6 +10,7 @@ Shape letters: T tokens, D hidden, E experts, C capacity (padded), N kept assign
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .dispatch import LAYOUTS, Dispatch, check_layout
 
@@ -58,9 +59,21 @@ def permute(x_TD: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.T
         # token_by_row_N already lists tokens in row order: one gather, no scatter.
         return x_TD.index_select(0, d.token_by_row_N)
     e, c, dim = d.num_experts, d.padded_capacity, x_TD.shape[1]
-    buf = x_TD.new_zeros((e * c, dim))
-    # index_copy (not in-place indexing) keeps the graph: gradient flows back to x_TD's rows.
-    buf = buf.index_copy(0, d.slot_N, x_TD.index_select(0, d.token_N))
+    m, n = e * c, d.num_kept
+    if n and m < 2.5 * n:
+        # Mostly full buffer: gather every slot (unused ones from token 0), then zero the unused
+        # rows, 3M - N rows of traffic against M + 4N for zeros + gather + scatter.
+        token_M = torch.zeros(m, dtype=torch.int64, device=x_TD.device)
+        token_M[d.slot_N] = d.token_N
+        buf = x_TD.index_select(0, token_M)
+        if n < m:
+            unused_M = torch.ones(m, dtype=torch.bool, device=x_TD.device)
+            unused_M[d.slot_N] = False
+            buf.index_fill_(0, torch.nonzero(unused_M).squeeze(1), 0)
+        return buf.view(e, c, dim)
+    buf = x_TD.new_zeros((m, dim))
+    # In place on a fresh buffer: autograd records it, so gradient still flows back to x_TD's rows.
+    buf.index_copy_(0, d.slot_N, x_TD.index_select(0, d.token_N))
     return buf.view(e, c, dim)
 
 
@@ -73,13 +86,20 @@ def combine(y: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.Tens
     """
     check_layout(layout, layouts)
     _check_y(y, d, layout)
-    dim = y.shape[-1]
-    if layout == "compact":
-        rows_ND = y.index_select(0, d.row_N)
-    else:
-        rows_ND = y.reshape(-1, dim).index_select(0, d.slot_N)
+    dim, t = y.shape[-1], d.num_tokens
     acc = accumulate_dtype(y.dtype)
-    weighted_ND = rows_ND.to(acc) * d.weight_N.to(acc).unsqueeze(1)
-    out_TD = torch.zeros((d.num_tokens, dim), dtype=acc, device=y.device)
-    out_TD = out_TD.index_add(0, d.token_N, weighted_ND)
+    y_MD = y.reshape(-1, dim)
+    row_N = d.row_N if layout == "compact" else d.slot_N
+    # Per token, its kept rows in priority order (a stable sort by token), then one weighted
+    # gather-sum per token: embedding_bag(mode="sum", per_sample_weights) reads each kept row once
+    # and writes each output row once, with no [N, D] temporary; a token with no row gets zeros.
+    order_N = torch.sort(d.token_N, stable=True).indices
+    counts_T = torch.bincount(d.token_N, minlength=t)
+    out_TD = F.embedding_bag(
+        row_N[order_N],
+        y_MD.to(acc),
+        torch.cumsum(counts_T, 0) - counts_T,
+        mode="sum",
+        per_sample_weights=d.weight_N[order_N].to(acc),
+    )
     return out_TD.to(y.dtype)

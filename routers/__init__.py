@@ -13,6 +13,7 @@ from .contract import (
     capacity,
     choice_major,
     load_balancing_loss,
+    softmax_lse,
     z_loss,
 )
 from .registry import (
@@ -43,5 +44,6 @@ __all__ = [
     "loaded_plugins",
     "register_router",
     "router_names",
+    "softmax_lse",
     "z_loss",
 ]

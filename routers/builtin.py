@@ -1,3 +1,3 @@
 """Importing this module registers every built-in router."""
 
-from . import switch, topk  # noqa: F401
+from . import dense, expert_choice, gshard, hashing, hierarchical, switch, topk  # noqa: F401

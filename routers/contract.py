@@ -176,10 +176,17 @@ def load_balancing_loss(probs_TE: torch.Tensor, expert_R: torch.Tensor, top_k: f
     R_e is the requested load (before drops), P_e the mean softmax probability of expert e
     (the differentiable part). Switch Transformer's and Megatron's normalisation.
     """
-    t, e = probs_TE.shape
-    load_E = torch.bincount(expert_R, minlength=e).to(probs_TE.dtype)
-    mean_prob_E = probs_TE.mean(dim=0)
-    return (e / (top_k * t)) * torch.dot(load_E, mean_prob_E)
+    return load_balancing_loss_from_mean(probs_TE.mean(dim=0), expert_R, top_k, probs_TE.shape[0])
+
+
+def load_balancing_loss_from_mean(
+    mean_prob_E: torch.Tensor, expert_R: torch.Tensor, top_k: float, num_tokens: int
+) -> torch.Tensor:
+    """:func:`load_balancing_loss` from P_e [E] already averaged over the T tokens, for routers
+    that get P without materialising a [T, E] probability table (e.g. normalised sigmoid scores)."""
+    e = mean_prob_E.shape[0]
+    load_E = torch.bincount(expert_R, minlength=e).to(mean_prob_E.dtype)
+    return (e / (top_k * num_tokens)) * torch.dot(load_E, mean_prob_E)
 
 
 def z_loss(logits_TE: torch.Tensor, lse_T: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,6 +195,20 @@ def z_loss(logits_TE: torch.Tensor, lse_T: torch.Tensor | None = None) -> torch.
     if lse_T is None:
         lse_T = torch.logsumexp(logits_TE.float(), dim=-1)
     return lse_T.square().mean()
+
+
+def softmax_lse(logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(softmax(logits), logsumexp(logits))`` for about the price of the softmax alone.
+
+    ``lse = x[t, j] - log(p[t, j])`` at j = argmax, where p >= 1/E keeps the log accurate: a max
+    pass over [T, E] instead of a separate logsumexp (which costs more than the softmax on CPU).
+    Both outputs are differentiable; the lse's gradient is the softmax, as it should be.
+    Returns probs_TE [T, E] and lse_T [T] in logits' dtype.
+    """
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    top_T, idx_T = probs_TE.max(dim=-1)
+    lse_T = logits_TE.gather(1, idx_T[:, None]).squeeze(1) - top_T.log()
+    return probs_TE, lse_T
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,233 @@
+"""Two-level routers: NLLB-200's conditional MoE and DeepSeek-V3's group-limited routing.
+
+``form="nllb"`` (NLLB Team 2022, Conditional MoE Routing; fairseq's CMR gate). Level 1 is a soft
+sigmoid gate ``g_T`` per token between a dense shared FFN and the MoE branch; level 2 is GShard's
+top-2 with random routing inside the MoE branch (:func:`routers.gshard.gshard_requests`, shared,
+not copied). The layer computes ``(1 - g) * FFN_shared(x) + g * MoE(x)``:
+
+- the plan's requests are the MoE branch only, with ``weight_R = g[token] * gshard gate``, so any
+  backend's combine yields ``g * MoE(x)``; metrics (drops, tokens dropped) count that branch only;
+- ``plan.extras["shared_weight_T"] = 1 - g_T`` (differentiable) asks the layer to add the shared
+  FFN for every token (``bench.layer.layer_forward``).
+
+The level-1 logit comes from ``gate_source``: `hidden` (default), the router's own linear gate
+``hidden_TD @ w_D`` with ``w_D ~ N(0, 1/D)`` drawn from the seed and D (fixed, not trained here);
+or `logit_column`, an extra last column of ``logits_TE`` that a workload or trace provides, which
+then has E + 1 columns.
+
+``form="groups"`` (DeepSeek-V3's group-limited routing, a descendant of hierarchical mixtures of
+experts). Scores are softmax or sigmoid over E (``score_func``); the E experts form ``num_groups``
+equal groups; a group's score is the sum of its top-2 expert scores (top-1 when a group has one
+expert); the top ``topk_group`` groups are kept; the top-K experts inside them are chosen; gates
+are the chosen scores, divided by their sum when ``norm_topk_prob``. No bias term (that is the
+auxiliary-loss-free balancer's ``update``) and no routed scaling factor.
+
+Defaults: ``num_groups=4, topk_group=2, top_k=2``, which validate for every E divisible by 4 that
+the CLI uses (8, 16, 64, 256); DeepSeek-V3 itself is E=256, num_groups=8, topk_group=4, top_k=8.
+Both forms are dropless by default; with a capacity factor, priority is choice-major.
+
+Shape letters: T tokens, D hidden, E experts, K choices, G groups, P experts per group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .contract import (
+    Batch,
+    Plan,
+    Router,
+    RouterConfig,
+    RoutingError,
+    choice_major,
+    load_balancing_loss,
+    load_balancing_loss_from_mean,
+    softmax_lse,
+    z_loss,
+)
+from .gshard import check_second_policy, draw_uniform, gshard_requests, softmax_top2
+from .registry import register_router
+
+
+def group_limited_topk(
+    scores_TE: torch.Tensor, num_groups: int, topk_group: int, top_k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's selection: top-K experts among the top ``topk_group`` groups.
+
+    scores_TE: [T, E] scores (softmax or sigmoid), E divisible by num_groups.
+    Returns expert_TK [T, K] int64 and score_TK [T, K] (the chosen scores, differentiable),
+    best first. Groups are ranked by the sum of their top-2 scores (top-1 with one expert each).
+    Only the kept groups' scores are gathered ([T, topk_group * P]), never a masked [T, E] copy.
+    """
+    t, e = scores_TE.shape
+    p = e // num_groups
+    scores_TGP = scores_TE.view(t, num_groups, p)
+    with torch.no_grad():
+        # The sum of the two best scores (the only one with one expert per group).
+        group_TG = scores_TGP[..., 0] if p == 1 else scores_TGP.topk(2, dim=-1).values.sum(dim=-1)
+        group_Tg = group_TG.topk(topk_group, dim=-1).indices  # g = topk_group kept groups
+    kept_TgP = torch.gather(scores_TGP, 1, group_Tg[:, :, None].expand(t, topk_group, p))
+    score_TK, local_TK = kept_TgP.reshape(t, topk_group * p).topk(top_k, dim=-1)
+    expert_TK = torch.gather(group_Tg, 1, local_TK // p) * p + local_TK % p
+    return expert_TK, score_TK
+
+
+@dataclass(frozen=True)
+class HierarchicalConfig(RouterConfig):
+    """form: `groups` (DeepSeek-V3 group-limited) or `nllb` (NLLB-200 conditional MoE).
+
+    groups: score_func `sigmoid` or `softmax`; num_groups (divides num_experts); topk_group kept
+    groups (<= num_groups); top_k <= topk_group * num_experts / num_groups; norm_topk_prob.
+    nllb: top_k must be 2 (GShard inside the MoE branch); second_policy `random` or `always`;
+    gate_source `hidden` (own seeded linear gate on hidden_TD) or `logit_column` (E + 1 logits).
+    Fields of the other form are ignored. Dropless unless capacity_factor is set.
+    """
+
+    top_k: int = 2
+    capacity_factor: float | None = None
+    form: Literal["nllb", "groups"] = "groups"
+    score_func: Literal["softmax", "sigmoid"] = "sigmoid"
+    num_groups: int = 4
+    topk_group: int = 2
+    norm_topk_prob: bool = True
+    second_policy: Literal["random", "always"] = "random"
+    gate_source: Literal["hidden", "logit_column"] = "hidden"
+
+    def validate(self) -> None:
+        super().validate()
+        if not isinstance(self.norm_topk_prob, bool):
+            raise RoutingError(f"norm_topk_prob must be true or false (got {self.norm_topk_prob!r})")
+        if self.form == "nllb":
+            if self.top_k != 2:
+                raise RoutingError(
+                    f"hierarchical form 'nllb' runs GShard top-2 in its MoE branch: top_k must be 2 "
+                    f"(got {self.top_k})"
+                )
+            if self.num_experts < 2:
+                raise RoutingError(f"form 'nllb' needs num_experts >= 2 (got {self.num_experts})")
+            check_second_policy(self.second_policy)
+            return
+        g, e = self.num_groups, self.num_experts
+        if isinstance(g, bool) or not isinstance(g, int) or g < 1 or e % g:
+            raise RoutingError(f"num_groups must be a divisor of num_experts = {e} (got {g!r})")
+        tg = self.topk_group
+        if isinstance(tg, bool) or not isinstance(tg, int) or not 1 <= tg <= g:
+            raise RoutingError(f"topk_group must be an integer between 1 and num_groups = {g} (got {tg!r})")
+        if self.top_k > tg * (e // g):
+            raise RoutingError(
+                f"top_k must be <= topk_group * num_experts / num_groups = {tg * (e // g)}, the experts "
+                f"in the kept groups (got {self.top_k})"
+            )
+
+
+@register_router("hierarchical")
+class HierarchicalRouter(Router):
+    """Two-level: DeepSeek-V3 group-limited top-K (`groups`) or NLLB shared/MoE gate + GShard (`nllb`)."""
+
+    config_cls = HierarchicalConfig
+    config: HierarchicalConfig
+
+    def __init__(self, config: HierarchicalConfig | None = None, **options) -> None:
+        super().__init__(config, **options)
+        self._gen = torch.Generator().manual_seed(self.config.seed)
+        self._gate_w: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------ batches
+
+    def check_batch(self, batch: Batch) -> None:
+        cfg = self.config
+        if cfg.form == "nllb" and cfg.gate_source == "logit_column":
+            if batch.num_experts != cfg.num_experts + 1:
+                raise RoutingError(
+                    f"with gate_source 'logit_column', logits_TE must have num_experts + 1 = "
+                    f"{cfg.num_experts + 1} columns, the last being the level-1 gate logit "
+                    f"(got {batch.num_experts})"
+                )
+            return
+        super().check_batch(batch)
+        if cfg.form == "nllb" and batch.hidden_TD is None:
+            raise RoutingError(
+                "hierarchical form 'nllb' with gate_source 'hidden' needs hidden_TD in the batch "
+                "for its level-1 gate (or use gate_source=logit_column)"
+            )
+
+    def gate_weight(self, hidden: int, device: torch.device) -> torch.Tensor:
+        """[D] weights of the level-1 linear gate, N(0, 1/D), a function of (seed, D) alone so
+        the gate does not depend on how many batches were routed before."""
+        key = (hidden, device)
+        if key not in self._gate_w:
+            gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + hidden)
+            self._gate_w[key] = (torch.randn(hidden, generator=gen) / hidden**0.5).to(device)
+        return self._gate_w[key]
+
+    def route(self, batch: Batch) -> Plan:
+        self.check_batch(batch)
+        return self._route_nllb(batch) if self.config.form == "nllb" else self._route_groups(batch)
+
+    # ------------------------------------------------------------------------------ nllb
+
+    def _route_nllb(self, batch: Batch) -> Plan:
+        cfg = self.config
+        e = cfg.num_experts
+        logits = batch.logits_TE.float()
+        t = logits.shape[0]
+        if cfg.gate_source == "logit_column":
+            gate_logit_T, logits_TE = logits[:, e], logits[:, :e]
+        else:
+            assert batch.hidden_TD is not None  # check_batch
+            hidden_TD = batch.hidden_TD.float()
+            gate_logit_T = hidden_TD @ self.gate_weight(hidden_TD.shape[1], hidden_TD.device)
+            logits_TE = logits
+        g_T = torch.sigmoid(gate_logit_T)
+        probs_TE, top_p_T2, expert_T2, lse_T = softmax_top2(logits_TE)
+        uniform_T = draw_uniform(self._gen, t, logits.device) if cfg.second_policy == "random" else None
+        token_R, expert_R, gate_R = gshard_requests(top_p_T2, expert_T2, uniform_T)
+        return Plan(
+            token_R=token_R,
+            expert_R=expert_R,
+            # The MoE branch's combine then yields g * MoE(x); the shared branch gets 1 - g.
+            weight_R=g_T[token_R] * gate_R,
+            num_tokens=t,
+            num_experts=e,
+            capacity=cfg.capacity_for(t),
+            top_k=2,
+            # As gshard: K = requests per token actually made, so 1.0 at perfect balance.
+            aux_loss=load_balancing_loss(probs_TE, expert_R, expert_R.numel() / t),
+            z_loss=z_loss(logits_TE, lse_T),
+            extras={"shared_weight_T": 1.0 - g_T},
+        )
+
+    # ------------------------------------------------------------------------------ groups
+
+    def _route_groups(self, batch: Batch) -> Plan:
+        cfg = self.config
+        logits_TE = batch.logits_TE.float()
+        t = logits_TE.shape[0]
+        if cfg.score_func == "softmax":
+            scores_TE, lse_T = softmax_lse(logits_TE)
+            mean_prob_E = scores_TE.mean(dim=0)
+        else:
+            lse_T = torch.logsumexp(logits_TE, dim=-1)
+            scores_TE = torch.sigmoid(logits_TE)
+            # P_e = mean_t s_te / sum_e' s_te': one matvec, no normalised [T, E] copy.
+            mean_prob_E = (scores_TE.t() @ scores_TE.sum(dim=-1).reciprocal()) / t
+        expert_TK, gate_TK = group_limited_topk(scores_TE, cfg.num_groups, cfg.topk_group, cfg.top_k)
+        if cfg.norm_topk_prob:
+            # Sigmoid scores are positive; the floor only guards an underflowed row.
+            gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+        token_R, expert_R, weight_R = choice_major(expert_TK, gate_TK)
+        return Plan(
+            token_R=token_R,
+            expert_R=expert_R,
+            weight_R=weight_R,
+            num_tokens=t,
+            num_experts=cfg.num_experts,
+            capacity=cfg.capacity_for(t),
+            top_k=cfg.top_k,
+            # P_e: the mean of per-token-normalised scores (the softmax itself for softmax scores).
+            aux_loss=load_balancing_loss_from_mean(mean_prob_E, expert_R, cfg.top_k, t),
+            z_loss=z_loss(logits_TE, lse_T),
+        )

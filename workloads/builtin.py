@@ -1,0 +1,3 @@
+"""Importing this module registers every built-in workload."""
+
+from . import real, synthetic, trace  # noqa: F401
