@@ -28,6 +28,7 @@ from .simulate import RouteResult, describe_config, find_target_drop, route_batc
 from .timing import resolve_device
 
 ERROR_EXIT = 2
+ROUTE_HIDDEN = 64  # hidden size D of the workload's hidden states, for routers that read them
 
 
 class _Group(click.Group):
@@ -229,13 +230,16 @@ def _route(
         source = click.get_current_context().get_parameter_source("num_experts")
         if source in (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP):
             num_experts = fixed_e
-    make_batches = lambda: workload.batches(num_tokens, num_experts, num_batches, dev)
+    hidden: dict[str, int | None] = {"dim": None}  # set once the routers are built
+    make_batches = lambda: workload.batches(
+        num_tokens, num_experts, num_batches, dev, hidden_dim=hidden["dim"]
+    )
     fit_cache: list[Any] = []
 
     def fit_slice():
         # Routers that learn (fit) read the workload's own fit slice, never a measured batch.
         if not fit_cache:
-            fit_cache.append(workload.fit_sample(num_tokens, num_experts, dev))
+            fit_cache.append(workload.fit_sample(num_tokens, num_experts, dev, hidden_dim=hidden["dim"]))
         return fit_cache[0]
 
     per_router = _router_options(router_opts, names)
@@ -251,6 +255,8 @@ def _route(
 
     # Build every router first: a bad name or option is refused before any work starts.
     routers = {name: build_router(name, **options_for(name)) for name in names}
+    if any(r.needs_hidden for r in routers.values()):
+        hidden["dim"] = ROUTE_HIDDEN  # routers with their own gate (nllb) read hidden states
     results: dict[str, RouteResult] = {}
     extra: dict[str, dict[str, Any]] = {}
     for name, router in routers.items():

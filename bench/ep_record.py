@@ -192,14 +192,14 @@ def write_ep_config(
         for b in range(loads_WB2E.shape[0])
         for e in range(loads_WB2E.shape[2])
     ]
-    run.write_result(ep_row(run, ep, meta, gathered, ranks), loads)
+    run.write_result(ep_row(run, ep, meta, gathered, ranks), {"loads": loads})
 
 
 def write_error(run: RunDir, ep: EPPoint, meta: dict[str, Any], error: str) -> None:
     """A configuration the launch did not finish becomes a row with status=error."""
     row = ep_base_row(run, ep, meta)
     row.update(status="error", error=error)
-    run.write_result(row, [])
+    run.write_result(row)
 
 
 def consolidate(run: RunDir) -> None:

@@ -37,13 +37,16 @@ def merge_runs(sources: list[Path], out_root: Path, allow_different: bool = Fals
     out_root.mkdir(parents=True, exist_ok=True)
     merged = RunDir.create(out_root)
     for run in runs:
-        for kind, schema in (("rows", ROW_SCHEMA), *TABLES.items()):
-            for part in sorted((run.path / kind).glob("*.parquet")):
-                table = pq.read_table(part, schema=schema)
-                ids = pa.array([merged.run_id] * table.num_rows, pa.string())
-                table = table.set_column(table.schema.get_field_index("run_id"), "run_id", ids)
-                (merged.path / kind).mkdir(exist_ok=True)
-                atomic_write_table(merged.path / kind / part.name, table)
+        # rows, loads, breakdown, and any other per-config table a command wrote (ep_ranks).
+        known = {"rows": ROW_SCHEMA, **TABLES}
+        for folder in sorted(p for p in run.path.iterdir() if p.is_dir() and any(p.glob("*.parquet"))):
+            for part in sorted(folder.glob("*.parquet")):
+                table = pq.read_table(part, schema=known.get(folder.name))
+                if "run_id" in table.schema.names:
+                    ids = pa.array([merged.run_id] * table.num_rows, pa.string())
+                    table = table.set_column(table.schema.get_field_index("run_id"), "run_id", ids)
+                (merged.path / folder.name).mkdir(exist_ok=True)
+                atomic_write_table(merged.path / folder.name / part.name, table)
     meta = dict(metas[0])
     meta.update(
         run_id=merged.run_id,

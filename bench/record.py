@@ -232,17 +232,21 @@ class RunDir:
         atomic_write_table(self.rows_dir / f"{cid}.parquet", pa.Table.from_pylist([row], schema=ROW_SCHEMA))
 
     def consolidate(self) -> None:
-        """Write rows.parquet, loads.parquet and breakdown.parquet from the parts."""
+        """Write rows.parquet, loads.parquet and one file per other table folder (breakdown,
+        ep_ranks, ...) from the parts: what readers and reports use."""
         atomic_write_table(self.path / "rows.parquet", _read_parts(self.rows_dir, ROW_SCHEMA))
-        for name, schema in TABLES.items():
-            if name == "loads" or (self.path / name).is_dir():
-                atomic_write_table(self.path / f"{name}.parquet", _read_parts(self.path / name, schema))
+        folders = {p.name for p in self.path.iterdir() if p.is_dir() and p.name != "rows"} | {"loads"}
+        for name in sorted(folders):
+            if name == "loads" or any((self.path / name).glob("*.parquet")):
+                atomic_write_table(
+                    self.path / f"{name}.parquet", _read_parts(self.path / name, TABLES.get(name))
+                )
 
 
-def _read_parts(folder: Path, schema: pa.Schema) -> pa.Table:
+def _read_parts(folder: Path, schema: pa.Schema | None) -> pa.Table:
     parts = sorted(folder.glob("*.parquet")) if folder.is_dir() else []
     if not parts:
-        return schema.empty_table()
+        return (schema or pa.schema([])).empty_table()
     return pa.concat_tables([pq.read_table(p, schema=schema) for p in parts])
 
 

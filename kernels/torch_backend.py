@@ -27,6 +27,18 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def token_major_order(token_N: torch.Tensor) -> torch.Tensor:
+    """[N] int64 indices that list kept assignments by token, priority order inside each token.
+
+    A stable sort by token. On a CPU, below N = 2**24, the keys are sorted as float64 (token ids
+    are exact there): torch's stable integer sort (a parallel radix sort) measured 85-170 ms at
+    N = 32768 on the 2-core development machine, the float64 path 3 ms; at millions of keys the
+    radix sort is the faster again.
+    """
+    key = token_N.double() if token_N.device.type == "cpu" and token_N.shape[0] < 2**24 else token_N
+    return torch.sort(key, stable=True).indices
+
+
 def _check_x(x_TD: torch.Tensor, d: Dispatch) -> None:
     if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or x_TD.shape[0] != d.num_tokens:
         raise ValueError(f"x_TD must be [T, D] with T={d.num_tokens} (got {getattr(x_TD, 'shape', x_TD)})")
@@ -93,7 +105,7 @@ def combine(y: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.Tens
     # Per token, its kept rows in priority order (a stable sort by token), then one weighted
     # gather-sum per token: embedding_bag(mode="sum", per_sample_weights) reads each kept row once
     # and writes each output row once, with no [N, D] temporary; a token with no row gets zeros.
-    order_N = torch.sort(d.token_N, stable=True).indices
+    order_N = token_major_order(d.token_N)
     counts_T = torch.bincount(d.token_N, minlength=t)
     out_TD = F.embedding_bag(
         row_N[order_N],

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .dispatch import LAYOUTS, Dispatch, check_layout
-from .torch_backend import _check_x, _check_y
+from .torch_backend import _check_x, _check_y, token_major_order
 from .triton_common import interpret_requested
 
 name = "triton"
@@ -44,7 +44,10 @@ NO_TRITON = "triton backend needs the triton package, which is not installed her
 
 def triton_installed() -> bool:
     """True when ``import triton`` would succeed (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or blocked install counts as missing
+        return False
 
 
 def runtime_error(device: torch.device | str) -> str | None:
@@ -114,7 +117,7 @@ def _build_plan(d: Dispatch, layout: str) -> TritonPlan:
         n_M[row_N] = arange_N
     # Token-major lists; the stable sort keeps priority order inside each token, which fixes the
     # summation order of combine (and of permute's backward).
-    csr_n_N = torch.sort(d.token_N, stable=True).indices
+    csr_n_N = token_major_order(d.token_N)
     csr_ptr_T1 = torch.zeros(d.num_tokens + 1, dtype=torch.int64, device=dev)
     torch.cumsum(torch.bincount(d.token_N, minlength=d.num_tokens), 0, out=csr_ptr_T1[1:])
     return TritonPlan(token_M, n_M, csr_ptr_T1, row_N[csr_n_N], csr_n_N)

@@ -339,6 +339,12 @@ class Router:
             )
         self.config = config
 
+    @property
+    def needs_hidden(self) -> bool:
+        """Whether ``route`` reads ``batch.hidden_TD`` (a router with its own gate); the harness
+        then asks the workload for hidden states."""
+        return False
+
     def check_batch(self, batch: Batch) -> None:
         if batch.num_experts != self.config.num_experts:
             raise RoutingError(

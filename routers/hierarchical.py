@@ -163,6 +163,10 @@ class HierarchicalRouter(Router):
             self._gate_w[key] = (torch.randn(hidden, generator=gen) / hidden**0.5).to(device)
         return self._gate_w[key]
 
+    @property
+    def needs_hidden(self) -> bool:
+        return self.config.form == "nllb" and self.config.gate_source == "hidden"
+
     def route(self, batch: Batch) -> Plan:
         self.check_batch(batch)
         return self._route_nllb(batch) if self.config.form == "nllb" else self._route_groups(batch)

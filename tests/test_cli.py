@@ -200,3 +200,26 @@ def test_bad_input_is_one_line_exit_2_no_traceback(args, needle):
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_route_gives_hidden_states_to_routers_with_their_own_gate():
+    # nllb's level-1 gate reads hidden_TD: route asks the workload for hidden states.
+    res = _run(
+        "route",
+        "--router",
+        "hierarchical",
+        "--router-opt",
+        "form=nllb",
+        "-T",
+        "256",
+        "-E",
+        "8",
+        "-B",
+        "2",
+        "--capacity-factor",
+        "1.0",
+        "--format",
+        "json",
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["config"]["form"] == "nllb"

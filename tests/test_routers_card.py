@@ -340,7 +340,8 @@ def test_layer_times_the_shared_stage():
         yield
 
     layer_forward(plan, batch.hidden_TD, ExpertFFN(e, d), shared_ffn=ExpertFFN(1, d), stage_hook=hook)
-    assert seen == ["dispatch", "experts", "combine", "shared"]
+    # 'dispatch' twice: positions and row bookkeeping, then permute (a timer adds the two).
+    assert seen == ["dispatch", "dispatch", "experts", "combine", "shared"]
 
 
 # ---------------------------------------------------------------------------- hierarchical: groups
