@@ -288,8 +288,10 @@ def config_from_options(config_cls: type[RouterConfig], options: dict[str, Any])
     return config_cls(**values)
 
 
-def _convert(key: str, raw: str, hint: Any) -> Any:
-    """Parse a command-line string by the config field's declared type."""
+def parse_option(raw: str, hint: Any) -> Any:
+    """Parse a command-line string by a config field's declared type (bool, int, float, str,
+    Literal, or an Optional of those; 'none' gives None where the type allows it). Raises
+    ValueError saying what was wanted; routers and workloads add which option it was."""
     text = raw.strip()
     args = get_args(hint)
     if text.lower() in ("none", "null") and type(None) in args:
@@ -315,7 +317,14 @@ def _convert(key: str, raw: str, hint: Any) -> Any:
         except ValueError:
             continue
     wanted = " or ".join(getattr(t, "__name__", str(t)) for t in candidates)
-    raise RoutingError(f"router option {key} must be {wanted} (got {raw!r})")
+    raise ValueError(f"must be {wanted} (got {raw!r})")
+
+
+def _convert(key: str, raw: str, hint: Any) -> Any:
+    try:
+        return parse_option(raw, hint)
+    except ValueError as exc:
+        raise RoutingError(f"router option {key} {exc}") from None
 
 
 class Router:

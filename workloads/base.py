@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 import numpy as np
 import torch
 
-from routers.contract import Batch, RoutingError
+from routers.contract import Batch, RoutingError, parse_option
 
 
 class WorkloadError(RoutingError):
@@ -128,29 +128,10 @@ def config_from_options(config_cls: type[WorkloadConfig], options: dict[str, Any
 
 
 def _convert(workload: str, key: str, raw: str, hint: Any) -> Any:
-    text = raw.strip()
-    if get_origin(hint) is Literal:
-        return text
-    args = [a for a in get_args(hint) if a is not type(None)] or [hint]
-    for typ in args:
-        try:
-            if typ is bool:
-                low = text.lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError
-            if typ is int:
-                return int(text)
-            if typ is float:
-                return float(text)
-            if typ is str:
-                return text
-        except ValueError:
-            continue
-    wanted = " or ".join(getattr(t, "__name__", str(t)) for t in args)
-    raise WorkloadError(f"{workload}: {key} must be {wanted} (got {raw!r})")
+    try:
+        return parse_option(raw, hint)
+    except ValueError as exc:
+        raise WorkloadError(f"{workload}: {key} {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------
