@@ -147,6 +147,12 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
     hidden = [
         torch.randn(point.tokens, point.hidden, generator=gen).to(device=device, dtype=dtype) for _ in batches
     ]
+    # The layer's input is the batch's hidden states, so a router with its own gate (nllb) reads
+    # what the experts compute on, in the timed pass and in the breakdown pass alike.
+    batches = [
+        b if b.hidden_TD is not None else dataclasses.replace(b, hidden_TD=x.float())
+        for b, x in zip(batches, hidden, strict=True)
+    ]
     backward = point.mode == "fwd+bwd"
     layout = None if point.layout == "default" else point.layout
     ffn.requires_grad_(backward)
@@ -160,8 +166,6 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
 
     def step(i: int, batch: Batch, x_TD: torch.Tensor) -> tuple[dict[str, float], Any]:
         timer = StageTimer(device)
-        if batch.hidden_TD is None:
-            batch = dataclasses.replace(batch, hidden_TD=x_TD.float())
         if backward:
             batch = dataclasses.replace(batch, logits_TE=batch.logits_TE.detach().requires_grad_(True))
             x_TD = x_TD.detach().requires_grad_(True)

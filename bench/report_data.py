@@ -4,7 +4,8 @@ A sweep varies many things at once (T, E, D, backend, dtype, mode, capacity fact
 that puts routers side by side fixes everything it does not show. The *reference slice* is one
 value per configuration key, chosen from the ok rows of every run given:
 
-    tokens, experts, hidden   the largest value every run has (large T is the realistic, least noisy)
+    tokens, experts, hidden   among values every run has, the one covering the most
+                              routers x workloads (ties: the larger)
     backend                   triton, else torch (the index dispatch), else the most common
     mode                      fwd, else the most common;  dtype, layout: the most common
     capacity_factor           per router, the value nearest 1.25 (routers without one: their default)
@@ -167,8 +168,6 @@ def _display_router(df: pd.DataFrame) -> pd.Series:
 
 
 def _pick(values: list[Any], key: str) -> Any:
-    if key in ("tokens", "experts", "hidden"):
-        return max(values)
     if key == "capacity_factor":
         return min(values, key=lambda v: (abs(v - REFERENCE_CF), v))
     prefer = {"backend": _BACKEND_PREFERENCE, "mode": _MODE_PREFERENCE}.get(key, ())
@@ -193,7 +192,13 @@ def reference_values(ok: pd.DataFrame) -> dict[str, Any]:
             vals = set(g.dropna().tolist())
             common = vals if common is None else common & vals
         ordered = [v for v in col.value_counts().index.tolist() if not common or v in common]
-        ref[key] = _pick(ordered, key)
+        if key in ("tokens", "experts", "hidden"):
+            # The size that shows the most routers x workloads (a sweep's main block, not a side
+            # sweep at one large T); ties go to the larger size.
+            cover = rest.groupby(key)[["router", "workload"]].apply(lambda g: len(g.drop_duplicates()))
+            ref[key] = max(ordered, key=lambda v: (int(cover.get(v, 0)), v))
+        else:
+            ref[key] = _pick(ordered, key)
         if key != "capacity_factor":
             rest = rest[_equals(rest[key], ref[key])]
     for key in ("tokens", "experts", "hidden"):

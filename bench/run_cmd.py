@@ -295,10 +295,14 @@ def run_cmd(
     counts = rows["status"].value_counts().to_dict()
     table = summary_table(rows)
     if not table.empty:
-        with pd.option_context(
-            "display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4g}".format
-        ):
-            click.echo(table.to_string(index=False))
+        formats = {
+            "tokens_per_s": "{:,.0f}".format,
+            "drop_rate": "{:.4f}".format,
+            "tokens_dropped": "{:.4f}".format,
+            "imbalance": "{:.3f}".format,
+            "peak_mem_MiB": "{:.1f}".format,
+        }
+        click.echo(table.to_string(index=False, formatters=formats, na_rep="n/a"))
     click.echo(f"\n{run.path}: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())))
     errors = rows[rows["status"] == "error"]
     for _, r in errors.head(5).iterrows():

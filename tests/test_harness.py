@@ -298,3 +298,16 @@ def test_three_shards_merged_equal_the_whole_sweep(tmp_path):
     assert dup.returncode == 2 and "is in both" in dup.stderr
     bad = _moe_bench("run", *sweep, "--shard", "3/3", "--out", str(tmp_path / "bad"))
     assert bad.returncode == 2 and "--shard must look like I/N" in bad.stderr
+
+
+def test_routers_with_their_own_gate_run_in_the_sweep(tmp_path):
+    # nllb reads hidden states for its level-1 gate: the harness gives the batch the layer's input.
+    config = tmp_path / "nllb.toml"
+    config.write_text(
+        '[defaults]\nrouters = [{ name = "hierarchical", opts = { form = "nllb" } }]\nworkloads = ["uniform"]\n'
+    )
+    res = _moe_bench("run", "--config", str(config), "--out", str(tmp_path / "out"), *SMALL)
+    assert res.returncode == 0, res.stderr
+    rows, _, _ = load_run(_run_dir(tmp_path / "out"))
+    assert list(rows["status"]) == ["ok"], rows["error"].tolist()
+    assert rows["time_shared_median"].iloc[0] > 0  # the shared FFN ran for every token
