@@ -304,7 +304,8 @@ def test_routers_with_their_own_gate_run_in_the_sweep(tmp_path):
     # nllb reads hidden states for its level-1 gate: the harness gives the batch the layer's input.
     config = tmp_path / "nllb.toml"
     config.write_text(
-        '[defaults]\nrouters = [{ name = "hierarchical", opts = { form = "nllb" } }]\nworkloads = ["uniform"]\n'
+        '[defaults]\nrouters = [{ name = "hierarchical", opts = { form = "nllb" } }]\n'
+        'workloads = ["uniform"]\n'
     )
     res = _moe_bench("run", "--config", str(config), "--out", str(tmp_path / "out"), *SMALL)
     assert res.returncode == 0, res.stderr
