@@ -174,6 +174,14 @@ def summary_table(rows: pd.DataFrame) -> pd.DataFrame:
 )
 @click.option("--timeout", type=float, default=600.0, show_default=True, help="Seconds per configuration.")
 @click.option("--shard", default=None, metavar="I/N", help="Run only configurations with index % N == I.")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="local: one supervised worker process; ray: one task per configuration on a Ray cluster.",
+)
+@click.option("--ray-address", default=None, help="Ray cluster address (default: start a local one).")
 @click.option("--plugin", "plugins", multiple=True, metavar="FILE.py", help="Load routers from a file.")
 def run_cmd(
     config_name: str | None,
@@ -194,6 +202,8 @@ def run_cmd(
     resume: Path | None,
     timeout: float,
     shard: str | None,
+    executor: str,
+    ray_address: str | None,
     plugins: tuple[str, ...],
 ) -> None:
     """Sweep routers x workloads x sizes x backends; write Parquet under results/<run_id>/."""
@@ -261,19 +271,25 @@ def run_cmd(
         err=True,
     )
     budget = memory_budget_bytes(points[0].device)
-    supervisor = Supervisor(plugin_paths, timeout=timeout)
+    if executor == "ray":
+        from .ray_executor import RayExecutor
+
+        runner: Any = RayExecutor(plugin_paths, address=ray_address, timeout=timeout)
+    else:
+        runner = Supervisor(plugin_paths, timeout=timeout)
     status = "complete"
+    bar = tqdm(total=len(todo), desc="sweep", unit="cfg", file=sys.stderr, dynamic_ncols=True)
     try:
-        for point in tqdm(todo, desc="sweep", unit="cfg", file=sys.stderr, dynamic_ncols=True):
-            row = base_row(point, run, meta)
+        runnable = []
+        for point in todo:
             reason = skip_reason(point, budget)
             if reason:
-                row.update(status="skipped", error=reason)
-                run.write_result(row)
-                continue
-            st, fields, tables, err = supervisor.run(point)
-            row.update(fields)
-            row.update(status=st, error=err)
+                run.write_result({**base_row(point, run, meta), "status": "skipped", "error": reason})
+                bar.update(1)
+            else:
+                runnable.append(point)
+        for point, st, fields, tables, err in runner.results(runnable):
+            row = {**base_row(point, run, meta), **fields, "status": st, "error": err}
             stamp = {
                 "run_id": run.run_id,
                 "config_id": point.config_id,
@@ -281,11 +297,13 @@ def run_cmd(
                 "workload": point.workload_label,
             }
             run.write_result(row, {name: [{**stamp, **r} for r in recs] for name, recs in tables.items()})
+            bar.update(1)
     except KeyboardInterrupt:
         status = "interrupted"
         click.echo("interrupted: finished configurations are kept; finish with --resume", err=True)
     finally:
-        supervisor.stop(kill=status == "interrupted")
+        bar.close()
+        runner.stop(kill=status == "interrupted")
         run.consolidate()
         meta["status"] = status
         meta["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

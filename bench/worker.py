@@ -87,6 +87,11 @@ class Supervisor:
                 return "error", {}, {}, f"worker process died by signal {-code} ({why})"
             return "error", {}, {}, f"worker process exited with status {code} during the configuration"
 
+    def results(self, points: list[Point]):
+        """Run points one after another; yields (point, status, row fields, tables, error)."""
+        for point in points:
+            yield (point, *self.run(point))
+
     def stop(self, kill: bool = False) -> None:
         if self._proc is None:
             return
