@@ -27,20 +27,8 @@ import pandas as pd
 
 from .metrics import METRICS
 from .record import STAGES, load_run
-from .report_data import check_run_dir
+from .report_data import CONFIG_LABELS, check_run_dir
 
-MATCH_LABELS = (
-    "router",
-    "workload",
-    "tokens",
-    "experts",
-    "top_k",
-    "capacity_factor",
-    "hidden",
-    "backend",
-    "dtype",
-    "mode",
-)
 HIGHER_BETTER = frozenset({"tokens_per_s", "gate_mass_kept", "load_entropy"})
 LOWER_BETTER = frozenset(
     {f"time_{s}_median" for s in STAGES}
@@ -133,7 +121,7 @@ def _label_key(df: pd.DataFrame) -> pd.Series:
             return "-"
         return repr(float(v)) if isinstance(v, (int, float)) and not isinstance(v, bool) else str(v)
 
-    keys = ["|".join(f(v) for v in rec) for rec in df[list(MATCH_LABELS)].itertuples(index=False)]
+    keys = ["|".join(f(v) for v in rec) for rec in df[list(CONFIG_LABELS)].itertuples(index=False)]
     return pd.Series(keys, index=df.index, dtype=object)
 
 

@@ -25,7 +25,7 @@ from . import figures_routing as R
 from . import html_report as H
 from .metrics import METRICS
 from .record import STAGES
-from .report_data import WHOLE_BATCH_MARK, ReportData, load_runs
+from .report_data import CONFIG_LABELS, WHOLE_BATCH_MARK, ReportData, load_runs
 
 FIGURES: list[Callable[[ReportData], F.FigureOut | F.LeftOut]] = [
     F.throughput,
@@ -149,20 +149,8 @@ def build_report(paths: list[str | Path], out: str | Path | None = None) -> Repo
     return rep
 
 
-_CONFIG_COLUMNS = [
-    "router",
-    "workload",
-    "tokens",
-    "experts",
-    "top_k",
-    "capacity_factor",
-    "hidden",
-    "backend",
-    "dtype",
-    "mode",
-]
 _ALL_COLUMNS = [
-    *_CONFIG_COLUMNS,
+    *CONFIG_LABELS,
     "tokens_per_s",
     "time_total_median",
     "peak_mem_bytes",
@@ -184,7 +172,7 @@ def all_configs(data: ReportData) -> pd.DataFrame:
 
 
 def excluded_table(data: ReportData) -> pd.DataFrame:
-    cols = ["run", "status", *_CONFIG_COLUMNS, "error", "config_id"]
+    cols = ["run", "status", *CONFIG_LABELS, "error", "config_id"]
     df = data.excluded
     df = df.assign(error=df["error"].fillna("").astype(str)) if "error" in df else df
     return df[[c for c in cols if c in df.columns]]

@@ -29,6 +29,20 @@ import pyarrow.parquet as pq
 
 from .record import load_run
 
+# The labels that name a configuration to a reader: report tables show them, compare matches on
+# them when two runs' config ids differ.
+CONFIG_LABELS = (
+    "router",
+    "workload",
+    "tokens",
+    "experts",
+    "top_k",
+    "capacity_factor",
+    "hidden",
+    "backend",
+    "dtype",
+    "mode",
+)
 SLICE_KEYS = ("tokens", "experts", "hidden", "backend", "layout", "dtype", "mode", "capacity_factor")
 REFERENCE_CF = 1.25
 WHOLE_BATCH_MARK = " †"  # appended to router labels of rows with looks_at_whole_batch
