@@ -4,6 +4,7 @@ validation, and the workload registry (names, options, plugins)."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import math
 import textwrap
 
@@ -274,7 +275,7 @@ def test_entry_point_workloads_are_registered(monkeypatch):
     class _Tmp(UniformWorkload):
         """Registered through a fake entry point."""
 
-    wl_registry._WORKLOADS.pop("ep_test_workload")
+    wl_registry._REGISTRY.classes.pop("ep_test_workload")
 
     class _EP:
         name, value = "ep_workload", "pkg.mod:Cls"
@@ -282,10 +283,10 @@ def test_entry_point_workloads_are_registered(monkeypatch):
         def load(self):
             return _Tmp
 
-    monkeypatch.setattr(wl_registry, "_entry_points_loaded", False)
+    monkeypatch.setattr(wl_registry._REGISTRY, "entry_points_loaded", False)
     monkeypatch.setattr(
-        wl_registry.metadata, "entry_points", lambda group: [_EP()] if group == "moe_bench.workloads" else []
+        importlib.metadata, "entry_points", lambda group: [_EP()] if group == "moe_bench.workloads" else []
     )
     assert "ep_workload" in workload_names()
     assert any("entry point ep_workload" in p for p in wl_registry.loaded_plugins())
-    wl_registry._WORKLOADS.pop("ep_workload", None)
+    wl_registry._REGISTRY.classes.pop("ep_workload", None)
