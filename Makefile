@@ -74,7 +74,7 @@ compare: setup
 	$(VENV)/bin/moe-bench compare $(A) $(B) $(ARGS)
 
 bench-route: setup
-	$(VPY) -m bench.route_perf $(ARGS)
+	$(VPY) -m moe_routing_bench.bench.route_perf $(ARGS)
 
 # Dispatch-kernel microbenchmarks on this machine's device (pytest-benchmark; not part of `make test`).
 bench-kernels: setup
@@ -85,12 +85,17 @@ bench-kernels: setup
 # The one prepared GPU check (tests/gpu, then the permute/combine bandwidth benchmark), for a GPU
 # host whose python3 already has torch + triton and no internet: nothing is installed or fetched.
 # It uses .venv where one exists, else the system python3. ARGS=--dry-run rehearses it on CPU.
+# Without an install, the import name moe_routing_bench comes from links in build/pkgroot/ to the
+# root folders (the same mapping pyproject.toml's package-dir makes at install time).
 GPU_PYTHON ?= $(shell test -x $(VPY) && echo $(VPY) || echo python3)
+PKGROOT := build/pkgroot
 gpu-check:
-	PYTHONPATH=.$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m bench.gpu_check $(ARGS)
+	@mkdir -p $(PKGROOT)/moe_routing_bench
+	@for d in bench routers kernels workloads; do ln -sfn "$(CURDIR)/$$d" $(PKGROOT)/moe_routing_bench/$$d; done
+	PYTHONPATH=$(PKGROOT)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m moe_routing_bench.bench.gpu_check $(ARGS)
 
 gpu-check-dry: setup
-	$(VPY) -m bench.gpu_check --dry-run $(ARGS)
+	$(VPY) -m moe_routing_bench.bench.gpu_check --dry-run $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .benchmarks *.egg-info

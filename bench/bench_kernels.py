@@ -21,7 +21,7 @@ import time
 import pytest
 import torch
 
-from bench.kernel_bench import Case, bytes_moved, copy_fn, make_fn, setup
+from moe_routing_bench.bench.kernel_bench import Case, bytes_moved, copy_fn, make_fn, setup
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # CPU: the goal's shape (T = 16384, D = 1024, float32; top-2 of 64 experts). GPU: the same in bf16.

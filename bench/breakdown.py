@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from kernels.positions import kept_mask, positions
-from routers.contract import Batch, Router
+from moe_routing_bench.kernels.positions import kept_mask, positions
+from moe_routing_bench.routers.contract import Batch, Router
 
 FREQ_BUCKETS = ("frequent", "middle", "rare")
 POS_BUCKETS = ("q1", "q2", "q3", "q4")

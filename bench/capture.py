@@ -36,10 +36,11 @@ import click
 import numpy as np
 import torch
 
-from routers.contract import RoutingError
-from workloads import Workload, build_workload
-from workloads.real import TokenStreamWorkload
-from workloads.trace import write_trace
+from moe_routing_bench.routers.contract import RoutingError
+from moe_routing_bench.workloads.base import Workload
+from moe_routing_bench.workloads.real import TokenStreamWorkload
+from moe_routing_bench.workloads.registry import build_workload
+from moe_routing_bench.workloads.trace import write_trace
 
 from .timing import resolve_device
 

@@ -10,17 +10,17 @@ from typing import Any
 
 import click
 
-from routers.contract import RoutingError
-from routers.registry import (
+from moe_routing_bench.routers.contract import RoutingError
+from moe_routing_bench.routers.registry import (
     build_router,
     config_fields,
     list_routers,
     loaded_plugins,
     router_names,
 )
-from workloads import build_workload, list_workloads, workload_options
-from workloads import load_plugin as load_any_plugin
-from workloads import loaded_plugins as loaded_workload_plugins
+from moe_routing_bench.workloads.registry import build_workload, list_workloads, workload_options
+from moe_routing_bench.workloads.registry import load_plugin as load_any_plugin
+from moe_routing_bench.workloads.registry import loaded_plugins as loaded_workload_plugins
 
 from .breakdown import FREQ_BUCKETS, POS_BUCKETS, breakdown
 from .metrics import METRICS

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from kernels import torch_backend
-from kernels.dispatch import Dispatch
-from kernels.experts import ExpertFFN
+from moe_routing_bench.kernels import torch_backend
+from moe_routing_bench.kernels.dispatch import Dispatch
+from moe_routing_bench.kernels.experts import ExpertFFN
 
 from .sweep import Point
 from .workload_adapter import make_workload

@@ -22,8 +22,8 @@ from typing import Any
 import click
 import torch
 
-from routers.contract import RoutingError
-from routers.registry import build_router, load_plugin, loaded_plugins
+from moe_routing_bench.routers.contract import RoutingError
+from moe_routing_bench.routers.registry import build_router, load_plugin, loaded_plugins
 
 from .ep import EPPoint
 from .ep_record import consolidate, load_ep_ranks, write_error
@@ -38,7 +38,7 @@ from .workload_adapter import make_workload, workload_names
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path("results")
 LOG_FILE = "ep_log.txt"
-WORKER_MODULE = "bench.ep_worker"  # run by torchrun once per rank, with the run directory
+WORKER_MODULE = "moe_routing_bench.bench.ep_worker"  # run by torchrun once per rank, with the run directory
 
 
 def dist_backend_for(choice: str, nproc: int) -> str:

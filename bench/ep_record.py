@@ -22,7 +22,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kernels.experts import expert_flops
+from moe_routing_bench.kernels.experts import expert_flops
 
 from .ep import EPPoint
 from .metrics import METRICS, aggregate

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kernels.experts import ExpertFFN
-from routers.registry import build_router, load_plugin
+from moe_routing_bench.kernels.experts import ExpertFFN
+from moe_routing_bench.routers.registry import build_router, load_plugin
 
 from .ep import (
     EPPoint,

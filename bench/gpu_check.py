@@ -140,7 +140,7 @@ def _timer(device):
 
 
 def _cases(dry: bool, layouts: list[str]):
-    from bench.kernel_bench import Case
+    from moe_routing_bench.bench.kernel_bench import Case
 
     grid = DRY_GRID if dry else GRID
     # Small first: a run cut by its budget still covers every shape family.
@@ -170,7 +170,7 @@ def _fits(case, device) -> str | None:
 def benchmark(device, dry: bool, layouts: list[str], deadline: float, env: dict) -> list[dict]:
     import torch
 
-    from bench.kernel_bench import bytes_moved, check, copy_fn, make_fn, setup
+    from moe_routing_bench.bench.kernel_bench import bytes_moved, check, copy_fn, make_fn, setup
 
     timer = _timer(device)
     rows: list[dict] = []

@@ -33,9 +33,9 @@ from fractions import Fraction
 
 import torch
 
-from kernels import make_dispatch, torch_backend
-from kernels.dispatch import Dispatch
-from kernels.positions import positions as torch_positions
+from moe_routing_bench.kernels import torch_backend
+from moe_routing_bench.kernels.dispatch import Dispatch, make_dispatch
+from moe_routing_bench.kernels.positions import positions as torch_positions
 
 OPS = ("positions", "permute", "combine")
 DIRECTIONS = ("fwd", "bwd")
@@ -136,7 +136,7 @@ def _backend(provider: str):
     if provider == "torch":
         return torch_backend
     if provider == "triton":
-        from kernels import triton_backend
+        from moe_routing_bench.kernels import triton_backend
 
         return triton_backend
     raise ValueError(f"provider must be one of {PROVIDERS} (got {provider!r})")
@@ -154,7 +154,7 @@ def make_fn(provider: str, op: str, direction: str, s: Setup) -> Callable[[], ob
             raise ValueError("positions has no backward")
         if provider == "torch":
             return lambda: torch_positions(s.expert_R, d.num_experts)
-        from kernels import triton_positions
+        from moe_routing_bench.kernels import triton_positions
 
         return lambda: triton_positions.positions(s.expert_R, d.num_experts)
     impl = _backend(provider)

@@ -16,10 +16,10 @@ from contextlib import nullcontext
 
 import torch
 
-from kernels.dispatch import Dispatch, make_dispatch
-from kernels.experts import ExpertFFN
-from kernels.layer import StageHook, moe_forward
-from routers.contract import Plan
+from moe_routing_bench.kernels.dispatch import Dispatch, make_dispatch
+from moe_routing_bench.kernels.experts import ExpertFFN
+from moe_routing_bench.kernels.layer import StageHook, moe_forward
+from moe_routing_bench.routers.contract import Plan
 
 SHARED_WEIGHT = "shared_weight_T"
 # The stages layer_forward reports through stage_hook, in order ('shared' only when the plan has one).

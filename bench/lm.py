@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.experts import ExpertFFN
-from routers.contract import Batch, Plan, Router, RoutingError
+from moe_routing_bench.kernels.experts import ExpertFFN
+from moe_routing_bench.routers.contract import Batch, Plan, Router, RoutingError
 
 from .layer import SHARED_WEIGHT, layer_forward
 

@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
-from kernels.dispatch import analytic_buffer_bytes, make_dispatch
-from kernels.experts import ExpertFFN, expert_flops
-from routers.contract import Batch
-from routers.registry import build_router
+from moe_routing_bench.kernels.dispatch import analytic_buffer_bytes, make_dispatch
+from moe_routing_bench.kernels.experts import ExpertFFN, expert_flops
+from moe_routing_bench.routers.contract import Batch
+from moe_routing_bench.routers.registry import build_router
 
 from .breakdown import breakdown
 from .layer import layer_forward

@@ -9,7 +9,7 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from routers.contract import RoutingError
+from moe_routing_bench.routers.contract import RoutingError
 
 from .record import ROW_SCHEMA, TABLES, RunDir, atomic_write_table
 

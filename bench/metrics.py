@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.positions import kept_mask, positions
-from routers.contract import Plan
+from moe_routing_bench.kernels.positions import kept_mask, positions
+from moe_routing_bench.routers.contract import Plan
 
 METRICS: dict[str, str] = {
     "drop_rate": "1 - kept / requested assignments (NaN for routers that choose tokens per expert)",

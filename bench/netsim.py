@@ -58,8 +58,8 @@ from typing import Any
 
 import torch
 
-from routers.contract import RoutingError
-from routers.registry import build_router
+from moe_routing_bench.routers.contract import RoutingError
+from moe_routing_bench.routers.registry import build_router
 
 from .placement import make_placement
 from .simulate import route_batches, wants_fit

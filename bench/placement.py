@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from routers.contract import RoutingError
+from moe_routing_bench.routers.contract import RoutingError
 
 PLACEMENTS = ("contiguous", "round-robin", "greedy")
 

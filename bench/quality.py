@@ -35,8 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from routers.contract import Batch, Router, RoutingError
-from routers.registry import build_router, get_router_class, router_names
+from moe_routing_bench.routers.contract import Batch, Router, RoutingError
+from moe_routing_bench.routers.registry import build_router, get_router_class, router_names
 
 from .lm import GateShape, LMConfig, TinyMoELM, aux_loss_mean, probe_router
 from .metrics import batch_metrics
@@ -167,7 +167,7 @@ class QualityData:
 
 def stream_ids(lang: str, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     """[N] token ids of a real stream from the workload registry: ``code``, or ``text`` in lang."""
-    from workloads import build_workload
+    from moe_routing_bench.workloads.registry import build_workload
 
     wl = build_workload("code", {}, seed) if lang == "code" else build_workload("text", {"lang": lang}, seed)
     return np.asarray(wl.tokens(), dtype=np.int64), wl.describe()

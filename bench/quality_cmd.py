@@ -168,7 +168,7 @@ def save_trace(
     ``token`` is the id the model was fed (remapped), ``source_token`` the o200k id; sequences are
     the held-out windows, in order. nllb's extra level-1 logit column is kept as the last column.
     """
-    from workloads.trace import write_trace
+    from moe_routing_bench.workloads.trace import write_trace
 
     n_seq = logits_by_layer[0].shape[0] // cfg.seq_len
     inputs = data.heldout[:n_seq, :-1]
@@ -429,8 +429,8 @@ def quality_cmd(
 ) -> None:
     """Train the same tiny MoE language model with each router on real text; compare held-out
     loss, load balance and cost in one table."""
-    from kernels.layer import resolve_backend
-    from workloads import load_plugin
+    from moe_routing_bench.kernels.layer import resolve_backend
+    from moe_routing_bench.workloads.registry import load_plugin
 
     from .cli import _parse_cf
 

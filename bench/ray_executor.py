@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from routers.contract import RoutingError
+from moe_routing_bench.routers.contract import RoutingError
 
 from .sweep import Point
 
@@ -21,7 +21,7 @@ def _measure_remote(
     point: Point, plugins: list[str]
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Body of the Ray task: load the run's plugins in the worker, then measure one point."""
-    from routers.registry import load_plugin, loaded_plugins
+    from moe_routing_bench.routers.registry import load_plugin, loaded_plugins
 
     already = " ".join(loaded_plugins())
     for path in plugins:

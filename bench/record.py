@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.metrics import METRICS
+from moe_routing_bench.bench.metrics import METRICS
 
 STAGES = ("route", "dispatch", "experts", "combine", "shared", "backward", "total")
 

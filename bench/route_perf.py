@@ -23,9 +23,9 @@ import time
 import click
 import torch
 
-from kernels.positions import positions
-from routers.contract import Batch
-from routers.registry import build_router
+from moe_routing_bench.kernels.positions import positions
+from moe_routing_bench.routers.contract import Batch
+from moe_routing_bench.routers.registry import build_router
 
 from .metrics import batch_metrics
 

@@ -14,9 +14,9 @@ import click
 import pandas as pd
 from tqdm import tqdm
 
-from kernels.layer import list_backends
-from routers.contract import RoutingError, capacity
-from routers.registry import build_router, load_plugin, loaded_plugins
+from moe_routing_bench.kernels.layer import list_backends
+from moe_routing_bench.routers.contract import RoutingError, capacity
+from moe_routing_bench.routers.registry import build_router, load_plugin, loaded_plugins
 
 from .record import RunDir, git_commit, load_run, machine_info
 from .sweep import Point, expand, find_config, load_blocks

@@ -20,8 +20,8 @@ import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from routers.contract import RoutingError
-from routers.registry import build_router, load_plugin
+from moe_routing_bench.routers.contract import RoutingError
+from moe_routing_bench.routers.registry import build_router, load_plugin
 
 from .netsim import PRESETS, Hardware, canonical_dtype, ep_group_size, preset, route_plans, simulate_step
 from .placement import check_spec

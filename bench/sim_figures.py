@@ -3,8 +3,8 @@
 ``sim_figures(sim_df, out_dir)`` draws one PNG per quantity, one line per router (style: placement;
 one panel per workload when there are several), log-2 x axis. The report calls it; so can a user:
 
-    from bench.sim_cmd import load_sim
-    from bench.sim_figures import sim_figures
+    from moe_routing_bench.bench.sim_cmd import load_sim
+    from moe_routing_bench.bench.sim_figures import sim_figures
     sim_figures(load_sim("results/<run_id>"), "results/<run_id>/report")
 """
 

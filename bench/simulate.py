@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from kernels.positions import positions
-from routers.contract import Batch, Router, RoutingError
-from routers.registry import build_router
+from moe_routing_bench.kernels.positions import positions
+from moe_routing_bench.routers.contract import Batch, Router, RoutingError
+from moe_routing_bench.routers.registry import build_router
 
 from .metrics import BatchLoads, aggregate, batch_metrics
 from .timing import sync

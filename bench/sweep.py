@@ -26,8 +26,8 @@ from typing import Any
 
 import tomllib
 
-from routers.contract import RoutingError
-from routers.registry import build_router, get_router_class
+from moe_routing_bench.routers.contract import RoutingError
+from moe_routing_bench.routers.registry import build_router, get_router_class
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DTYPES = ("float32", "float16", "bfloat16")

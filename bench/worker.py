@@ -26,7 +26,7 @@ _SIGNAL_HINTS = {
 
 def _child(conn, plugins: list[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from routers.registry import load_plugin
+    from moe_routing_bench.routers.registry import load_plugin
 
     for path in plugins:
         load_plugin(path)

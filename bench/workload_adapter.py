@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from workloads.base import Workload
-from workloads.registry import build_workload, workload_names
+from moe_routing_bench.workloads.base import Workload
+from moe_routing_bench.workloads.registry import build_workload, workload_names
 
 __all__ = ["make_workload", "workload_names"]
 

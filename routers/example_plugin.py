@@ -13,16 +13,16 @@ from dataclasses import dataclass
 
 import torch
 
-from routers import (
+from moe_routing_bench.routers.contract import (
     Batch,
     Plan,
     Router,
     RouterConfig,
     RoutingError,
     load_balancing_loss,
-    register_router,
     z_loss,
 )
+from moe_routing_bench.routers.registry import register_router
 
 
 @dataclass(frozen=True)

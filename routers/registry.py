@@ -112,7 +112,13 @@ class Registry:
 
 
 _REGISTRY = Registry(
-    "router", Router, RoutingError, "routers.builtin", ENTRY_POINT_GROUP, ",", "spaces or commas"
+    "router",
+    Router,
+    RoutingError,
+    "moe_routing_bench.routers.builtin",
+    ENTRY_POINT_GROUP,
+    ",",
+    "spaces or commas",
 )
 
 R = TypeVar("R", bound=type[Router])

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from routers.contract import Batch
+from moe_routing_bench.routers.contract import Batch
 
 
 def pytest_configure(config):

@@ -12,7 +12,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.record import ROW_SCHEMA, load_run
+from moe_routing_bench.bench.record import ROW_SCHEMA, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def shared_run(tmp_path_factory, args: list[str] = TINY) -> Path:
 def make_run(out: Path, *args: str, timeout: float = 240) -> Path:
     """``moe-bench run ... --out out`` in a subprocess; returns the run directory."""
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "run", *args, "--out", str(out)],
+        [sys.executable, "-m", "moe_routing_bench.bench.cli", "run", *args, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -8,8 +8,8 @@ from fractions import Fraction
 import pytest
 import torch
 
-from routers import Batch, RoutingError, build_router, capacity
-from routers.contract import Plan
+from moe_routing_bench.routers.contract import Batch, Plan, RoutingError, capacity
+from moe_routing_bench.routers.registry import build_router
 
 
 @pytest.mark.parametrize(

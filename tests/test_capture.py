@@ -11,10 +11,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bench.capture import capture_logits, find_gates
-from bench.cli import main
-from workloads import WorkloadError, build_workload, corpus
-from workloads.trace import read_trace_layer, read_trace_meta, write_trace
+from moe_routing_bench.bench.capture import capture_logits, find_gates
+from moe_routing_bench.bench.cli import main
+from moe_routing_bench.workloads import corpus
+from moe_routing_bench.workloads.base import WorkloadError
+from moe_routing_bench.workloads.registry import build_workload
+from moe_routing_bench.workloads.trace import read_trace_layer, read_trace_meta, write_trace
 
 if os.environ.get("CI"):
     import transformers  # the dev extra installs it: in CI its absence is a failure

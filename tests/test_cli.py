@@ -10,7 +10,7 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from bench.cli import main
+from moe_routing_bench.bench.cli import main
 
 
 def _run(*args: str):
@@ -191,7 +191,7 @@ def test_target_drop_finds_the_smallest_capacity():
 )
 def test_bad_input_is_one_line_exit_2_no_traceback(args, needle):
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "route", "-B", "1", *args],
+        [sys.executable, "-m", "moe_routing_bench.bench.cli", "route", "-B", "1", *args],
         capture_output=True,
         text=True,
         timeout=120,

@@ -10,10 +10,10 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from bench.breakdown import frequency_table, position_quartile
-from bench.cli import main
-from routers.contract import Batch
-from workloads import corpus
+from moe_routing_bench.bench.breakdown import frequency_table, position_quartile
+from moe_routing_bench.bench.cli import main
+from moe_routing_bench.routers.contract import Batch
+from moe_routing_bench.workloads import corpus
 
 ROUTE = ["route", "-T", "512", "-E", "16", "-B", "3"]
 
@@ -140,7 +140,7 @@ def test_breakdown_buckets_are_thirds_of_occurrences_and_quartiles_of_position()
 
 
 def test_routers_that_fit_read_the_workloads_fit_slice(monkeypatch):
-    from workloads.synthetic import ZipfWorkload
+    from moe_routing_bench.workloads.synthetic import ZipfWorkload
 
     calls = []
     original = ZipfWorkload.fit_sample
@@ -181,7 +181,7 @@ def test_bad_workload_in_a_fresh_process_has_no_traceback():
         [
             sys.executable,
             "-m",
-            "bench.cli",
+            "moe_routing_bench.bench.cli",
             "route",
             "--router",
             "switch",

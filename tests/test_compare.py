@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 from report_helpers import clone, shared_run
 
-from bench.cli import main
-from bench.compare import compare_runs, judge
-from bench.record import load_run
+from moe_routing_bench.bench.cli import main
+from moe_routing_bench.bench.compare import compare_runs, judge
+from moe_routing_bench.bench.record import load_run
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,14 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.layer import layer_forward, plan_dispatch
-from bench.metrics import batch_metrics
-from kernels import positions
-from kernels.experts import ExpertFFN
-from kernels.layer import list_backends
-from kernels.reference import plain_moe_forward
-from routers import Batch, build_router, router_names
+from moe_routing_bench.bench.layer import layer_forward, plan_dispatch
+from moe_routing_bench.bench.metrics import batch_metrics
+from moe_routing_bench.kernels.experts import ExpertFFN
+from moe_routing_bench.kernels.layer import list_backends
+from moe_routing_bench.kernels.positions import positions
+from moe_routing_bench.kernels.reference import plain_moe_forward
+from moe_routing_bench.routers.contract import Batch
+from moe_routing_bench.routers.registry import build_router, router_names
 
 # Per router, the option sets it runs with (an absent router runs once with its defaults), chosen
 # so that capacity really drops where a router has one; `expect` says what the case must show.

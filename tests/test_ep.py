@@ -16,8 +16,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bench.cli import main
-from bench.ep import (
+from moe_routing_bench.bench.cli import main
+from moe_routing_bench.bench.ep import (
     EPPoint,
     Sharding,
     finish,
@@ -29,13 +29,13 @@ from bench.ep import (
     segment_order,
     send_rows,
 )
-from bench.ep_record import load_ep_ranks
-from bench.layer import layer_forward, plan_dispatch
-from bench.record import load_run
-from bench.simulate import wants_fit
-from bench.workload_adapter import make_workload
-from kernels.experts import ExpertFFN
-from routers.registry import build_router, router_names
+from moe_routing_bench.bench.ep_record import load_ep_ranks
+from moe_routing_bench.bench.layer import layer_forward, plan_dispatch
+from moe_routing_bench.bench.record import load_run
+from moe_routing_bench.bench.simulate import wants_fit
+from moe_routing_bench.bench.workload_adapter import make_workload
+from moe_routing_bench.kernels.experts import ExpertFFN
+from moe_routing_bench.routers.registry import build_router, router_names
 
 ATOL, RTOL = 1e-5, 1e-5  # float32: the expert matmuls see different row batches than one process
 
@@ -107,7 +107,7 @@ def test_phases_equal_single_process_layer(router, opts, owner, why):
     sh = Sharding(torch.tensor(owner), world=3)
     gen = torch.Generator().manual_seed(1)
     r = build_router(router, num_experts=e, seed=0, **opts)
-    from routers.contract import Batch
+    from moe_routing_bench.routers.contract import Batch
 
     batches = [Batch(torch.randn(t, e, generator=gen), torch.arange(t)) for _ in range(3)]
     xs = [torch.randn(t, dim, generator=gen) for _ in range(3)]
@@ -206,7 +206,7 @@ def test_ep_run_directory_tables(ep_run):
 
 
 def test_ep_launch_failure_becomes_error_rows(tmp_path, monkeypatch):
-    import bench.ep_cmd as ep_cmd
+    import moe_routing_bench.bench.ep_cmd as ep_cmd
 
     monkeypatch.setattr(ep_cmd, "launch", lambda run, nproc, timeout: (1, "RuntimeError: boom"))
     res = _cli(
@@ -240,7 +240,7 @@ def test_ep_bad_input_is_one_line_exit_2(args, needle, tmp_path):
 
 
 def test_ep_placement_file(tmp_path):
-    from bench.placement import from_file
+    from moe_routing_bench.bench.placement import from_file
 
     f = tmp_path / "map.json"
     f.write_text(json.dumps({"0": 1, "1": 1, "2": 0, "3": 1}))

@@ -14,8 +14,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.metrics import METRICS
-from bench.record import ROW_SCHEMA, load_run
+from moe_routing_bench.bench.metrics import METRICS
+from moe_routing_bench.bench.record import ROW_SCHEMA, load_run
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--tokens", "128", "--hidden", "16", "--repeats", "2", "--experts", "8"]
@@ -23,7 +23,7 @@ SMALL = ["--tokens", "128", "--hidden", "16", "--repeats", "2", "--experts", "8"
 
 def _moe_bench(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "bench.cli", *args],
+        [sys.executable, "-m", "moe_routing_bench.bench.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -42,8 +42,9 @@ PLUGIN = textwrap.dedent(
     '''
     import os, signal, time
     from dataclasses import dataclass
-    from routers import register_router, RouterConfig, RoutingError
-    from routers.switch import SwitchRouter, SwitchConfig
+    from moe_routing_bench.routers.registry import register_router
+    from moe_routing_bench.routers.contract import RouterConfig, RoutingError
+    from moe_routing_bench.routers.switch import SwitchRouter, SwitchConfig
 
     @dataclass(frozen=True)
     class TroubleConfig(SwitchConfig):
@@ -179,7 +180,7 @@ def _sleepy_args(tmp_path: Path) -> list[str]:
 def test_kill_part_way_then_resume_finishes_without_duplicates(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.cli", *_sleepy_args(tmp_path)],
+        [sys.executable, "-m", "moe_routing_bench.bench.cli", *_sleepy_args(tmp_path)],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -212,7 +213,7 @@ def test_kill_part_way_then_resume_finishes_without_duplicates(tmp_path):
 def test_ctrl_c_leaves_a_consistent_run(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.cli", *_sleepy_args(tmp_path)],
+        [sys.executable, "-m", "moe_routing_bench.bench.cli", *_sleepy_args(tmp_path)],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -16,20 +16,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import (
-    BACKENDS,
-    STAGES,
-    ExpertFFN,
-    analytic_buffer_bytes,
-    einsum_backend,
-    expert_flops,
-    get_backend,
-    make_dispatch,
-    moe_forward,
-    positions,
-    torch_backend,
-)
-from kernels.reference import plain_moe_forward, plain_positions
+from moe_routing_bench.kernels import einsum_backend, torch_backend
+from moe_routing_bench.kernels.dispatch import analytic_buffer_bytes, make_dispatch
+from moe_routing_bench.kernels.experts import ExpertFFN, expert_flops
+from moe_routing_bench.kernels.layer import BACKENDS, STAGES, get_backend, moe_forward
+from moe_routing_bench.kernels.positions import positions
+from moe_routing_bench.kernels.reference import plain_moe_forward, plain_positions
 
 # (backend, layout) pairs every plan must run on.
 PATHS = [("torch", "compact"), ("torch", "padded"), ("einsum", "padded")]

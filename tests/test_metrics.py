@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-from bench.metrics import METRICS, aggregate, batch_metrics, load_stats
-from bench.simulate import route_batches
-from routers import build_router
-from routers.contract import Plan
-from workloads import UniformConfig, UniformWorkload
+from moe_routing_bench.bench.metrics import METRICS, aggregate, batch_metrics, load_stats
+from moe_routing_bench.bench.simulate import route_batches
+from moe_routing_bench.routers.contract import Plan
+from moe_routing_bench.routers.registry import build_router
+from moe_routing_bench.workloads.synthetic import UniformConfig, UniformWorkload
 
 
 def _plan(tokens, experts, weights, t, e, cap, **kw) -> Plan:

@@ -9,8 +9,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from bench.cli import main
-from bench.netsim import (
+from moe_routing_bench.bench.cli import main
+from moe_routing_bench.bench.netsim import (
     Hardware,
     Plans,
     a2a_device_times,
@@ -21,9 +21,9 @@ from bench.netsim import (
     traffic_matrix,
     traffic_pairs,
 )
-from bench.placement import contiguous, device_loads, greedy, make_placement, round_robin
-from bench.sim_cmd import SIM_SCHEMA, load_sim
-from kernels.dispatch import make_dispatch
+from moe_routing_bench.bench.placement import contiguous, device_loads, greedy, make_placement, round_robin
+from moe_routing_bench.bench.sim_cmd import SIM_SCHEMA, load_sim
+from moe_routing_bench.kernels.dispatch import make_dispatch
 
 # Hand-written plans of 4 devices (T = 4 tokens each) over 8 experts, capacity C = 2.
 # Contiguous placement: experts {0,1} -> device 0, {2,3} -> 1, {4,5} -> 2, {6,7} -> 3.
@@ -155,7 +155,7 @@ def test_greedy_balances_a_skewed_load_better_than_contiguous():
 
 
 def test_make_placement_refuses_bad_specs(tmp_path):
-    from routers.contract import RoutingError
+    from moe_routing_bench.routers.contract import RoutingError
 
     with pytest.raises(RoutingError, match="--placement must be one of"):
         make_placement("diagonal", 8, 4)
@@ -203,7 +203,7 @@ def test_simulate_writes_sim_table_and_figures(tmp_path):
     assert list(df.columns) == SIM_SCHEMA.names and len(df) == 2 * 3 * 2
     assert df["step_time_s"].gt(0).all() and df["straggler"].ge(1.0).all()
     assert json.loads((run_dir / "meta.json").read_text())["kind"] == "simulate"
-    from bench.sim_figures import sim_figures
+    from moe_routing_bench.bench.sim_figures import sim_figures
 
     paths = sim_figures(df, tmp_path / "fig")
     assert [p.name for p in paths] == ["sim_step_time.png", "sim_straggler.png"]

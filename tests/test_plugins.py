@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from routers import Batch, build_router, list_routers, load_plugin, loaded_plugins
+from moe_routing_bench.routers.contract import Batch
+from moe_routing_bench.routers.registry import build_router, list_routers, load_plugin, loaded_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "routers" / "example_plugin.py"
@@ -40,7 +41,7 @@ def test_plugin_through_cli_compares_with_builtins():
         [
             sys.executable,
             "-m",
-            "bench.cli",
+            "moe_routing_bench.bench.cli",
             "route",
             "--router",
             "sampled,switch",
@@ -70,7 +71,7 @@ def test_entry_point_plugin_of_an_installed_package(tmp_path):
     (src / "tiny_router" / "__init__.py").write_text(
         textwrap.dedent('''
         import torch
-        from routers import Plan, Router, RouterConfig
+        from moe_routing_bench.routers.contract import Plan, Router, RouterConfig
 
         class FirstExpert(Router):
             """Sends every token to expert 0 (a plugin for tests)."""
@@ -118,7 +119,7 @@ def test_entry_point_plugin_of_an_installed_package(tmp_path):
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(REPO)])}
     listed = subprocess.run(
-        [sys.executable, "-m", "bench.cli", "list", "routers"],
+        [sys.executable, "-m", "moe_routing_bench.bench.cli", "list", "routers"],
         capture_output=True,
         text=True,
         env=env,
@@ -131,7 +132,7 @@ def test_entry_point_plugin_of_an_installed_package(tmp_path):
         [
             sys.executable,
             "-m",
-            "bench.cli",
+            "moe_routing_bench.bench.cli",
             "route",
             "--router",
             "first_expert",
@@ -168,7 +169,7 @@ def test_readme_router_snippet_runs_as_a_plugin(tmp_path):
         [
             sys.executable,
             "-m",
-            "bench.cli",
+            "moe_routing_bench.bench.cli",
             "route",
             "--router",
             "mine,switch",
@@ -188,6 +189,7 @@ def test_readme_router_snippet_runs_as_a_plugin(tmp_path):
         capture_output=True,
         text=True,
         timeout=120,
+        cwd=tmp_path,  # a user's directory, not the repo root
     )
     # temperature goes to the router that has it; switch runs with its defaults beside it.
     assert proc.returncode == 0, proc.stderr
@@ -197,7 +199,7 @@ def test_readme_router_snippet_runs_as_a_plugin(tmp_path):
         [
             sys.executable,
             "-m",
-            "bench.cli",
+            "moe_routing_bench.bench.cli",
             "route",
             "--router",
             "mine",

@@ -18,10 +18,17 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from bench.quality import QualityConfig, build_data, build_model, evaluate, parse_router_specs, train
-from routers.contract import RoutingError
-from routers.registry import get_router_class
-from workloads import corpus
+from moe_routing_bench.bench.quality import (
+    QualityConfig,
+    build_data,
+    build_model,
+    evaluate,
+    parse_router_specs,
+    train,
+)
+from moe_routing_bench.routers.contract import RoutingError
+from moe_routing_bench.routers.registry import get_router_class
+from moe_routing_bench.workloads import corpus
 
 TINY = dict(experts=4, layers=2, width=16, heads=2, vocab=256, seq_len=16, batch_seqs=4, eval_batches=2)
 CPU = torch.device("cpu")
@@ -136,7 +143,7 @@ def test_routers_that_fit_learn_from_the_training_slice(data, monkeypatch):
 
 
 def test_a_router_that_cannot_run_becomes_an_error_row(data, tmp_path):
-    from bench.quality_cmd import run_quality
+    from moe_routing_bench.bench.quality_cmd import run_quality
 
     cfg = QualityConfig(**TINY, steps=2, capacity_factor=None)  # expert choice has no dropless form
     _, rows = run_quality(cfg, parse_router_specs("expert_choice"), tmp_path, CPU)
@@ -147,7 +154,7 @@ def test_a_router_that_cannot_run_becomes_an_error_row(data, tmp_path):
 def tiny_run(tmp_path_factory):
     """The command end to end, once: two routers, one of them not causal, with a saved trace."""
     _need_text("en", "de")
-    from bench.cli import main
+    from moe_routing_bench.bench.cli import main
 
     out = tmp_path_factory.mktemp("quality")
     args = ["quality", "--routers", "switch,expert_choice", "--steps", "30", "--experts", "4"]
@@ -186,7 +193,7 @@ def test_tiny_run_records_rows_and_fits_the_budget(tiny_run):
 
 
 def test_quality_figures_are_written(tiny_run, tmp_path):
-    from bench.quality_figures import quality_figures, read_quality_run
+    from moe_routing_bench.bench.quality_figures import quality_figures, read_quality_run
 
     _, run_dir, _, _ = tiny_run
     paths = quality_figures(*read_quality_run(run_dir), tmp_path)
@@ -195,8 +202,8 @@ def test_quality_figures_are_written(tiny_run, tmp_path):
 
 
 def test_saved_trace_replays_through_the_trace_workload(tiny_run, data):
-    trace = pytest.importorskip("workloads.trace")
-    from workloads import build_workload
+    trace = pytest.importorskip("moe_routing_bench.workloads.trace")
+    from moe_routing_bench.workloads.registry import build_workload
 
     _, _, _, out = tiny_run
     path = out / "trace-switch.parquet"
@@ -214,9 +221,9 @@ def test_saved_trace_replays_through_the_trace_workload(tiny_run, data):
 
 
 def test_trace_logits_are_the_trained_gates_logits(data, tmp_path):
-    pytest.importorskip("workloads.trace")
-    from bench.quality_cmd import save_trace
-    from workloads.trace import read_trace_layer
+    pytest.importorskip("moe_routing_bench.workloads.trace")
+    from moe_routing_bench.bench.quality_cmd import save_trace
+    from moe_routing_bench.workloads.trace import read_trace_layer
 
     spec = parse_router_specs("topk")[0]
     cfg = QualityConfig(**TINY, steps=3)

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 from test_harness import PLUGIN, SMALL, _moe_bench, _run_dir
 
-from bench.metrics import METRICS
-from bench.record import load_run
+from moe_routing_bench.bench.metrics import METRICS
+from moe_routing_bench.bench.record import load_run
 
 pytest.importorskip("ray", reason="Ray is in the dev extra; `make setup` installs it")
 
@@ -49,8 +49,8 @@ def test_ray_executor_matches_the_local_worker_and_records_failures(tmp_path):
 def test_ray_executor_without_ray_says_how_to_install(monkeypatch):
     import builtins
 
-    from bench.ray_executor import RayExecutor
-    from routers.contract import RoutingError
+    from moe_routing_bench.bench.ray_executor import RayExecutor
+    from moe_routing_bench.routers.contract import RoutingError
 
     real_import = builtins.__import__
 

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from routers import build_router, router_names
-from workloads import MissingSourceError, WorkloadError, build_workload, corpus
-from workloads.real import hashed_normal
+from moe_routing_bench.routers.registry import build_router, router_names
+from moe_routing_bench.workloads import corpus
+from moe_routing_bench.workloads.base import MissingSourceError, WorkloadError
+from moe_routing_bench.workloads.real import hashed_normal
+from moe_routing_bench.workloads.registry import build_workload
 
 LANGS = ["en", "de", "es", "fr", "ja", "zh-cn"]
 CODE = {"max_mb": 0.5}  # the first 0.5 MB of the stdlib in sorted order: ~120k tokens, fast

@@ -24,14 +24,21 @@ from click.testing import CliRunner
 from PIL import Image
 from report_helpers import clone, shared_run
 
-from bench import figures as F
-from bench import figures_routing as R
-from bench.cli import main
-from bench.html_report import md_escape
-from bench.metrics import METRICS
-from bench.record import _MEASURE_COLUMNS, _METRIC_COLUMNS
-from bench.report import GLOSSARY, Report, build_report, default_out, glossary_for, render_html
-from bench.report_data import load_runs, loads_changing, reference_values
+from moe_routing_bench.bench import figures as F
+from moe_routing_bench.bench import figures_routing as R
+from moe_routing_bench.bench.cli import main
+from moe_routing_bench.bench.html_report import md_escape
+from moe_routing_bench.bench.metrics import METRICS
+from moe_routing_bench.bench.record import _MEASURE_COLUMNS, _METRIC_COLUMNS
+from moe_routing_bench.bench.report import (
+    GLOSSARY,
+    Report,
+    build_report,
+    default_out,
+    glossary_for,
+    render_html,
+)
+from moe_routing_bench.bench.report_data import load_runs, loads_changing, reference_values
 
 # Every `moe-bench run` records the drops breakdown, so its figure is always drawn for a real run.
 ALWAYS = {

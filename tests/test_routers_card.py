@@ -15,13 +15,14 @@ import torch
 from click.testing import CliRunner
 from torch.nn.functional import silu
 
-from bench.layer import layer_forward
-from bench.metrics import batch_metrics, load_stats
-from bench.simulate import route_batches, wants_fit
-from kernels.experts import ExpertFFN
-from kernels.positions import kept_mask, positions
-from routers import Batch, RoutingError, build_router
-from routers.hashing import greedy_balanced_assignment, hash_experts, hash_experts_reference
+from moe_routing_bench.bench.layer import layer_forward
+from moe_routing_bench.bench.metrics import batch_metrics, load_stats
+from moe_routing_bench.bench.simulate import route_batches, wants_fit
+from moe_routing_bench.kernels.experts import ExpertFFN
+from moe_routing_bench.kernels.positions import kept_mask, positions
+from moe_routing_bench.routers.contract import Batch, RoutingError
+from moe_routing_bench.routers.hashing import greedy_balanced_assignment, hash_experts, hash_experts_reference
+from moe_routing_bench.routers.registry import build_router
 
 CARD = ("gshard", "expert_choice", "hash", "hierarchical", "dense")
 
@@ -493,7 +494,7 @@ def test_card_router_z_loss_is_mean_squared_logsumexp(name, opts):
 
 
 def test_cli_lists_and_routes_every_card_router_with_defaults():
-    from bench.cli import main
+    from moe_routing_bench.bench.cli import main
 
     res = CliRunner().invoke(main, ["list", "routers"], catch_exceptions=False)
     assert res.exit_code == 0

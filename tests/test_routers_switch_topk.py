@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.positions import kept_mask, positions
-from routers import build_router
+from moe_routing_bench.kernels.positions import kept_mask, positions
+from moe_routing_bench.routers.registry import build_router
 
 
 def _kept(plan):

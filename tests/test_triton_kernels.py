@@ -23,29 +23,24 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
-from kernels import (
-    ExpertFFN,
-    available_backends,
-    make_dispatch,
-    moe_forward,
-    positions,
-    resolve_backend,
-    torch_backend,
-    triton_backend,
-)
-from kernels.reference import plain_moe_forward
-from kernels.triton_common import interpret_requested
+from moe_routing_bench.kernels import torch_backend, triton_backend
+from moe_routing_bench.kernels.dispatch import make_dispatch
+from moe_routing_bench.kernels.experts import ExpertFFN
+from moe_routing_bench.kernels.layer import available_backends, moe_forward, resolve_backend
+from moe_routing_bench.kernels.positions import positions
+from moe_routing_bench.kernels.reference import plain_moe_forward
+from moe_routing_bench.kernels.triton_common import interpret_requested
 
 if not interpret_requested():
     pytest.skip(
         "needs TRITON_INTERPRET=1 (tests/conftest.py sets it on the CPU tier)", allow_module_level=True
     )
 
-from kernels import triton_permute, triton_positions
+from moe_routing_bench.kernels import triton_permute, triton_positions
 
 if not triton_permute.INTERPRETED:
     pytest.skip(
-        "kernels.triton_* were imported compiled before TRITON_INTERPRET=1 was set; run this file alone",
+        "kernels/triton_*.py were imported compiled before TRITON_INTERPRET=1 was set; run this file alone",
         allow_module_level=True,
     )
 
@@ -348,12 +343,12 @@ def test_backend_registration_and_refusals(monkeypatch):
 
 
 def test_import_kernels_without_triton():
-    # Where triton is missing (macOS), `import kernels` works and the backend says why it cannot run.
+    # Where triton is missing (macOS), our kernels package imports and the backend says why it cannot run.
     code = (
         "import sys; sys.modules['triton'] = None\n"
-        "import kernels\n"
-        "print(kernels.available_backends('cpu'), kernels.resolve_backend('auto', 'cpu'))\n"
-        "try:\n    kernels.resolve_backend('triton', 'cpu')\nexcept ValueError as e:\n    print(e)\n"
+        "from moe_routing_bench.kernels import layer\n"
+        "print(layer.available_backends('cpu'), layer.resolve_backend('auto', 'cpu'))\n"
+        "try:\n    layer.resolve_backend('triton', 'cpu')\nexcept ValueError as e:\n    print(e)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert "['torch', 'einsum'] torch" in res.stdout and "not installed" in res.stdout
@@ -400,7 +395,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     # for the H200 (sm_90) through triton's real pipeline, in a process without the interpreter.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     res = subprocess.run(
-        [sys.executable, "-m", "kernels.triton_aot", "--quick"],
+        [sys.executable, "-m", "moe_routing_bench.kernels.triton_aot", "--quick"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -416,7 +411,7 @@ def test_gpu_check_dry_run(tmp_path):
     # `make gpu-check` rehearsed end to end on CPU: the gpu tests' own pytest process (which skips
     # without CUDA), every benchmark step at tiny sizes, the Parquet and the table.
     res = subprocess.run(
-        [sys.executable, "-m", "bench.gpu_check", "--dry-run", "--out", str(tmp_path)],
+        [sys.executable, "-m", "moe_routing_bench.bench.gpu_check", "--dry-run", "--out", str(tmp_path)],
         capture_output=True,
         text=True,
         cwd=ROOT,

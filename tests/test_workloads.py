@@ -12,13 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from routers import build_router, router_names
-from routers.contract import RoutingError
-from workloads import (
-    UniformConfig,
-    UniformWorkload,
-    Workload,
-    WorkloadError,
+from moe_routing_bench.routers.contract import RoutingError
+from moe_routing_bench.routers.registry import build_router, router_names
+from moe_routing_bench.workloads import registry as wl_registry
+from moe_routing_bench.workloads.base import Workload, WorkloadError, ar1_scan
+from moe_routing_bench.workloads.registry import (
     build_workload,
     get_workload_class,
     list_workloads,
@@ -26,8 +24,7 @@ from workloads import (
     register_workload,
     workload_names,
 )
-from workloads import registry as wl_registry
-from workloads.base import ar1_scan
+from moe_routing_bench.workloads.synthetic import UniformConfig, UniformWorkload
 
 SYNTHETIC = ["uniform", "zipf", "hot", "drift", "correlated", "adversarial"]
 
@@ -243,7 +240,8 @@ def test_plugin_file_registers_a_workload(tmp_path, capsys):
             from dataclasses import dataclass
             from typing import ClassVar
             import torch
-            from workloads import Parts, Workload, WorkloadConfig, register_workload
+            from moe_routing_bench.workloads.base import Parts, Workload, WorkloadConfig
+            from moe_routing_bench.workloads.registry import register_workload
 
             @dataclass(frozen=True, kw_only=True)
             class OnesConfig(WorkloadConfig):

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
 import numpy as np
 import torch
 
-from routers.contract import Batch, RoutingError, parse_option
+from moe_routing_bench.routers.contract import Batch, RoutingError, parse_option
 
 
 class WorkloadError(RoutingError):

@@ -12,14 +12,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from routers import registry as router_registry
+from moe_routing_bench.routers import registry as router_registry
 
 from .base import Workload, WorkloadError, config_from_options
 
 ENTRY_POINT_GROUP = "moe_bench.workloads"
 
 _REGISTRY = router_registry.Registry(
-    "workload", Workload, WorkloadError, "workloads.builtin", ENTRY_POINT_GROUP, ",=", "spaces, ',' or '='"
+    "workload",
+    Workload,
+    WorkloadError,
+    "moe_routing_bench.workloads.builtin",
+    ENTRY_POINT_GROUP,
+    ",=",
+    "spaces, ',' or '='",
 )
 
 W = TypeVar("W", bound=type[Workload])

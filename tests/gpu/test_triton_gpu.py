@@ -21,10 +21,13 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("TRITON_INTERPRET is set: these tests need compiled kernels", allow_module_level=True)
 pytest.importorskip("triton")
 
-from bench.kernel_bench import DIRECTIONS, Case, check, setup  # noqa: E402
-from kernels import ExpertFFN, make_dispatch, moe_forward, torch_backend, triton_backend  # noqa: E402
-from kernels.positions import positions  # noqa: E402
-from kernels.triton_positions import MAX_RUNNING_E, expert_positions  # noqa: E402
+from moe_routing_bench.bench.kernel_bench import DIRECTIONS, Case, check, setup  # noqa: E402
+from moe_routing_bench.kernels import torch_backend, triton_backend  # noqa: E402
+from moe_routing_bench.kernels.dispatch import make_dispatch  # noqa: E402
+from moe_routing_bench.kernels.experts import ExpertFFN  # noqa: E402
+from moe_routing_bench.kernels.layer import moe_forward  # noqa: E402
+from moe_routing_bench.kernels.positions import positions  # noqa: E402
+from moe_routing_bench.kernels.triton_positions import MAX_RUNNING_E, expert_positions  # noqa: E402
 
 CUDA = torch.device("cuda")
 
