@@ -74,7 +74,7 @@ compare: setup
 	$(VENV)/bin/moe-bench compare $(A) $(B) $(ARGS)
 
 bench-route: setup
-	$(VPY) -m moe_routing_bench.bench.route_perf $(ARGS)
+	$(VPY) -m moe_routing_bench.bench.microbench.route_cost $(ARGS)
 
 # Dispatch-kernel microbenchmarks on this machine's device (pytest-benchmark; not part of `make test`).
 bench-kernels: setup
@@ -92,10 +92,10 @@ PKGROOT := build/pkgroot
 gpu-check:
 	@mkdir -p $(PKGROOT)/moe_routing_bench
 	@for d in bench routers kernels workloads; do ln -sfn "$(CURDIR)/$$d" $(PKGROOT)/moe_routing_bench/$$d; done
-	PYTHONPATH=$(PKGROOT)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m moe_routing_bench.bench.gpu_check $(ARGS)
+	PYTHONPATH=$(PKGROOT)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m moe_routing_bench.bench.microbench.gpu_check $(ARGS)
 
 gpu-check-dry: setup
-	$(VPY) -m moe_routing_bench.bench.gpu_check --dry-run $(ARGS)
+	$(VPY) -m moe_routing_bench.bench.microbench.gpu_check --dry-run $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis .benchmarks *.egg-info

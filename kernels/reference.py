@@ -90,3 +90,32 @@ def plain_moe_forward(
             row_D = row_D + c_D
         rows.append(row_D)
     return torch.stack(rows).to(x_TD.dtype)
+
+
+def random_plan(
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    *,
+    seed: int = 0,
+    skew: float = 0.0,
+    empty: tuple[int, ...] = (),
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random plan arrays (token_R, expert_R, weight_R) for tests and benchmarks of the kernels.
+
+    Each token takes K distinct experts (top-K of uniform scores), listed choice-major (every first
+    choice before any second, as GShard and top-k order their requests); gates are a softmax over
+    the K scores. ``skew`` > 0 favours low expert ids, so capacity drops happen; experts in
+    ``empty`` are never chosen. Uniform scores give each expert about K * T / E requests.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    scores_TE = torch.rand(num_tokens, num_experts, generator=gen, device=device)
+    if skew:
+        scores_TE -= skew * torch.arange(num_experts, device=device) / num_experts
+    if empty:
+        scores_TE[:, list(empty)] = -1e9
+    top_TK, expert_TK = scores_TE.topk(top_k, dim=1)
+    weight_TK = torch.softmax(top_TK.clamp_min(-1.0), dim=1)
+    token_R = torch.arange(num_tokens, device=device).repeat(top_k)
+    return token_R, expert_TK.T.reshape(-1).contiguous(), weight_TK.T.reshape(-1).contiguous()

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from moe_routing_bench.routers.contract import Batch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
@@ -32,3 +37,33 @@ def make_batch():
         return Batch(logits_TE=logits_TE, token_T=torch.as_tensor(tokens, dtype=torch.int64))
 
     return _make
+
+
+@pytest.fixture
+def moe_bench():
+    """``moe_bench(*args, timeout=300, **kw)``: the ``moe-bench`` command in a fresh process (a real
+    file system, signals, exit codes), started in the repo root unless ``cwd`` says otherwise."""
+
+    def _run(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("cwd", REPO)
+        return subprocess.run(
+            [sys.executable, "-m", "moe_routing_bench.bench.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            **kw,
+        )
+
+    return _run
+
+
+@pytest.fixture
+def run_dir():
+    """``run_dir(out)``: the one run directory a command wrote under ``out``."""
+
+    def _find(out: Path) -> Path:
+        dirs = [p for p in Path(out).iterdir() if p.is_dir()]
+        assert len(dirs) == 1, dirs
+        return dirs[0]
+
+    return _find

@@ -21,7 +21,7 @@ if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
     pytest.skip("TRITON_INTERPRET is set: these tests need compiled kernels", allow_module_level=True)
 pytest.importorskip("triton")
 
-from moe_routing_bench.bench.kernel_bench import DIRECTIONS, Case, check, setup  # noqa: E402
+from moe_routing_bench.bench.microbench.kernel_cases import DIRECTIONS, Case, check, setup  # noqa: E402
 from moe_routing_bench.kernels import torch_backend, triton_backend  # noqa: E402
 from moe_routing_bench.kernels.dispatch import make_dispatch  # noqa: E402
 from moe_routing_bench.kernels.experts import ExpertFFN  # noqa: E402

@@ -1,0 +1,1 @@
+"""Expert parallelism on torch.distributed: sharding and exchanges, the per-rank worker, its records."""

@@ -1,0 +1,116 @@
+"""Microbenchmarks of the dispatch kernels on this machine's device (pytest-benchmark).
+
+    make bench-kernels            # JSON under results/kernels/, a table, and the copy ratios
+
+Not collected by ``make test`` (it lives outside tests/ and is not named test_*). Declared as
+data: ``CASE`` per device, ``OPS`` x ``PROVIDERS``; every callable and its byte count come from
+``bench.kernel_bench`` (setup + make_fn + bytes_moved), the same code the GPU check times.
+
+Providers: ``torch`` (the CPU fast path and the reference), ``triton`` (CUDA only: on a CPU it
+runs only interpreted, which measures numpy), and ``copy``, a plain device copy moving the same
+bytes as the op it stands beside. The last test prints, per layout, the ratio the CPU goal is
+stated in: copy time of permute's and combine's bytes over their time (100% = copy speed), timed
+interleaved round by round so that a shared machine's drifting load hits both sides alike.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+
+from moe_routing_bench.bench.microbench.kernel_cases import Case, bytes_moved, copy_fn, make_fn, setup
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+# CPU: the goal's shape (T = 16384, D = 1024, float32; top-2 of 64 experts). GPU: the same in bf16.
+CASE = Case(16384, 1024, 64, 2, dtype="float32" if DEVICE.type == "cpu" else "bfloat16")
+OPS = [
+    ("positions", "compact"),
+    ("permute", "compact"),
+    ("permute", "padded"),
+    ("combine", "compact"),
+    ("combine", "padded"),
+]
+PROVIDERS = ["torch", "copy"] + (["triton"] if DEVICE.type == "cuda" else [])
+_SETUPS: dict[str, object] = {}
+
+
+def _setup(layout: str):
+    if layout not in _SETUPS:
+        cf = None if layout == "compact" else 1.25
+        _SETUPS[layout] = setup(Case(**{**CASE.as_row(), "layout": layout, "cf": cf}), DEVICE)
+    return _SETUPS[layout]
+
+
+def _sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("op, layout", OPS, ids=[f"{o}-{la}" for o, la in OPS])
+def test_dispatch_op(benchmark, op, layout, provider):
+    s = _setup(layout)
+    nbytes = bytes_moved(op, "fwd", s)
+    fn = copy_fn(nbytes, DEVICE) if provider == "copy" else make_fn(provider, op, "fwd", s)
+
+    def run():
+        fn()
+        _sync()
+
+    benchmark.group = f"{op}-{layout}"
+    benchmark.extra_info.update(
+        {
+            **CASE.as_row(),
+            "layout": layout,
+            "op": op,
+            "bytes": nbytes,
+            "device": str(DEVICE),
+            "threads": torch.get_num_threads(),
+        }
+    )
+    benchmark.pedantic(run, rounds=15, iterations=1, warmup_rounds=2)
+    benchmark.extra_info["GBps"] = nbytes / benchmark.stats.stats.median / 1e9
+
+
+def _interleaved_medians(fns: dict[str, object], rounds: int = 15) -> dict[str, float]:
+    """Median seconds of each callable, timed in turn round after round: a machine whose load
+    drifts (other jobs on a shared CPU) then shifts every provider alike."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+        _sync()
+    for _ in range(rounds):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def test_permute_plus_combine_vs_copy(request):
+    """Per layout and provider: (copy time of permute's bytes + of combine's bytes) over
+    (permute + combine), timed interleaved in this one test; 100% = copy speed."""
+    if request.config.getoption("benchmark_disable") and not request.config.getoption("benchmark_enable"):
+        pytest.skip("benchmarks disabled")
+    print(
+        f"T={CASE.tokens} D={CASE.hidden} E={CASE.experts} K={CASE.top_k} {CASE.dtype} on {DEVICE} "
+        f"({torch.get_num_threads()} threads), medians of 15 interleaved rounds:"
+    )
+    for layout in ("compact", "padded"):
+        s = _setup(layout)
+        for provider in [p for p in PROVIDERS if p != "copy"]:
+            fns = {}
+            for op in ("permute", "combine"):
+                fns[op] = make_fn(provider, op, "fwd", s)
+                fns[f"copy-{op}"] = copy_fn(bytes_moved(op, "fwd", s), DEVICE)
+            med = _interleaved_medians(fns)
+            op_s, copy_s = med["permute"] + med["combine"], med["copy-permute"] + med["copy-combine"]
+            print(
+                f"  {provider} permute+combine ({layout}): {op_s * 1e3:.1f} ms "
+                f"(permute {med['permute'] * 1e3:.1f}, combine {med['combine'] * 1e3:.1f}); copy of the "
+                f"same bytes {copy_s * 1e3:.1f} ms -> {copy_s / op_s:.0%} of copy speed"
+            )

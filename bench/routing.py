@@ -1,0 +1,135 @@
+"""Routing alone, over many batches: the engine of ``moe-bench route`` and of the simulator.
+
+No expert compute: each batch is routed, the shared ``positions`` step decides what is kept, and
+every routing metric is computed. Fast enough for a million tokens and hundreds of experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+
+from moe_routing_bench.bench.metrics import BatchLoads, aggregate, batch_metrics
+from moe_routing_bench.bench.timing import sync
+from moe_routing_bench.kernels.positions import positions
+from moe_routing_bench.routers.contract import Batch, Router, RoutingError
+from moe_routing_bench.routers.registry import build_router
+
+
+@dataclass
+class RouteResult:
+    """What routing B batches produced: per-batch metrics, their aggregate, and the loads."""
+
+    router: Router
+    per_batch: list[dict[str, float]]
+    loads: list[BatchLoads]
+    capacity: int | None
+    top_k: float
+    seconds: float  # route + positions + metrics, device-synchronised, summed over batches
+    tokens: int
+
+    @property
+    def summary(self) -> dict[str, tuple[float, float]]:
+        return aggregate(self.per_batch)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else math.nan
+
+
+def wants_fit(router: Router) -> bool:
+    """Whether the router overrides ``fit`` (learns from a separate slice of the stream)."""
+    return type(router).fit is not Router.fit
+
+
+def route_batches(
+    router: Router, batches, device: str | torch.device = "cpu", fit_sample: Batch | None = None
+) -> RouteResult:
+    """Route every batch, calling ``update`` after each one.
+
+    fit_sample: a batch from a separate slice of the stream, never one of the measured batches;
+    given to ``router.fit`` first (untimed) when the router learns from data.
+    """
+    if fit_sample is not None:
+        router.fit(fit_sample)
+    per_batch: list[dict[str, float]] = []
+    loads: list[BatchLoads] = []
+    seconds = 0.0
+    tokens = 0
+    cap: int | None = None
+    top_k: float = router.config.top_k
+    with torch.inference_mode():
+        for batch in batches:
+            sync(device)
+            t0 = time.perf_counter()
+            plan = router.route(batch)
+            rank_R = None if plan.capacity is None else positions(plan.expert_R, plan.num_experts)[0]
+            metrics, load = batch_metrics(plan, rank_R)
+            router.update(plan)
+            sync(device)
+            seconds += time.perf_counter() - t0
+            per_batch.append(metrics)
+            loads.append(load)
+            tokens += plan.num_tokens
+            cap, top_k = plan.capacity, plan.top_k
+    if not per_batch:
+        raise RoutingError("num_batches must be >= 1")
+    return RouteResult(router, per_batch, loads, cap, top_k, seconds, tokens)
+
+
+def find_target_drop(
+    router_name: str,
+    options: dict[str, Any],
+    make_batches: Callable[[], Any],
+    num_tokens: int,
+    target: float,
+    device: str | torch.device = "cpu",
+    fit_sample: Batch | None = None,
+) -> tuple[int, Fraction, RouteResult]:
+    """Smallest capacity C (and the capacity factor that gives exactly C) whose mean drop rate
+    over the batches is at most ``target``. Binary search over integer C: the drop rate of a
+    token-choice router never rises as C grows. Returns (C, cf, result at C)."""
+    if not (0.0 <= target < 1.0):
+        raise RoutingError(f"--target-drop must be in [0, 1) (got {target})")
+    probe = build_router(router_name, **options)
+    num_experts = probe.config.num_experts
+    k = Fraction(str(probe.config.top_k))
+
+    def run_at(c: int) -> RouteResult:
+        # Any cf in ((C - 1) E / (K T), C E / (K T)] gives C; the upper end is exact.
+        cf = Fraction(c * num_experts) / (k * num_tokens)
+        router = build_router(router_name, **{**options, "capacity_factor": cf})
+        return route_batches(router, make_batches(), device, fit_sample)
+
+    first = run_at(num_tokens)
+    if first.capacity is None:
+        raise RoutingError(f"router {router_name!r} has no capacity to search (--target-drop needs one)")
+    if math.isnan(first.summary["drop_rate"][0]):
+        raise RoutingError(f"router {router_name!r} has no drop rate (it picks tokens per expert)")
+    lo, hi, best = 1, num_tokens, first
+    while lo < hi:
+        mid = (lo + hi) // 2
+        res = run_at(mid)
+        if res.summary["drop_rate"][0] <= target:
+            hi, best = mid, res
+        else:
+            lo = mid + 1
+    if best.capacity != lo:
+        best = run_at(lo)
+    return lo, Fraction(lo * num_experts) / (k * num_tokens), best
+
+
+def describe_config(router: Router) -> dict[str, Any]:
+    """The router's config as plain JSON-able values."""
+    out = {}
+    for f in dataclasses.fields(router.config):
+        v = getattr(router.config, f.name)
+        out[f.name] = float(v) if isinstance(v, Fraction) else v
+    return out
