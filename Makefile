@@ -74,7 +74,7 @@ compare: setup
 	$(VENV)/bin/moe-bench compare $(A) $(B) $(ARGS)
 
 bench-route: setup
-	$(VPY) -m moe_routing_bench.bench.microbench.route_cost $(ARGS)
+	$(VENV)/bin/moe-bench route-cost $(ARGS)
 
 # Dispatch-kernel microbenchmarks on this machine's device (pytest-benchmark; not part of `make test`).
 bench-kernels: setup

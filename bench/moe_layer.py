@@ -28,9 +28,7 @@ LAYER_STAGES = ("dispatch", "experts", "combine", "shared")
 
 def plan_dispatch(plan: Plan) -> Dispatch:
     """The plan's ``Dispatch``: which requests are kept under its capacity, and their rows."""
-    return make_dispatch(
-        plan.token_R, plan.expert_R, plan.weight_R, plan.num_tokens, plan.num_experts, plan.capacity
-    )
+    return make_dispatch(plan.token_R, plan.expert_R, plan.weight_R, plan.num_tokens, plan.num_experts, plan.capacity)
 
 
 def _check_shared(shared_ffn: ExpertFFN | None, x_TD: torch.Tensor) -> ExpertFFN:
@@ -82,8 +80,15 @@ def layer_forward(
         return out_TD
     assert shared_ffn is not None
     with hook("shared"):
-        counts = torch.tensor([x_TD.shape[0]], dtype=torch.int64, device=x_TD.device)
-        shared_TD = shared_ffn.forward_compact(x_TD, counts)
-        w_T1 = shared_weight_T.to(device=x_TD.device, dtype=torch.float32)[:, None]
-        out_TD = (out_TD.float() + w_T1 * shared_TD.float()).to(x_TD.dtype)
-    return out_TD
+        return add_shared_branch(out_TD, x_TD, shared_ffn, shared_weight_T)
+
+
+def add_shared_branch(
+    out_TD: torch.Tensor, x_TD: torch.Tensor, shared_ffn: ExpertFFN, shared_weight_T: torch.Tensor
+) -> torch.Tensor:
+    """``out + w[:, None] * FFN_shared(x)`` for every token, accumulated in float32, in x's dtype:
+    NLLB's dense branch beside the MoE one (the plan's gates already carry ``g``)."""
+    counts = torch.tensor([x_TD.shape[0]], dtype=torch.int64, device=x_TD.device)
+    shared_TD = shared_ffn.forward_compact(x_TD, counts)
+    w_T1 = shared_weight_T.to(device=x_TD.device, dtype=torch.float32)[:, None]
+    return (out_TD.float() + w_T1 * shared_TD.float()).to(x_TD.dtype)

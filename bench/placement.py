@@ -93,9 +93,7 @@ def from_file(path: str | Path, num_experts: int, num_devices: int) -> torch.Ten
         try:
             pairs = [(int(k), v) for k, v in raw.items()]
         except ValueError:
-            raise RoutingError(
-                f"--placement {p}: keys must be expert indices (got {sorted(raw)[:3]})"
-            ) from None
+            raise RoutingError(f"--placement {p}: keys must be expert indices (got {sorted(raw)[:3]})") from None
     else:
         raise RoutingError(f"--placement {p}: expected a JSON object expert -> device, or a list")
     owner = [-1] * num_experts
@@ -103,9 +101,7 @@ def from_file(path: str | Path, num_experts: int, num_devices: int) -> torch.Ten
         if not 0 <= expert < num_experts:
             raise RoutingError(f"--placement {p}: expert {expert} is outside 0..{num_experts - 1}")
         if isinstance(dev, bool) or not isinstance(dev, int) or not 0 <= dev < num_devices:
-            raise RoutingError(
-                f"--placement {p}: expert {expert} -> {dev!r}, not a device in 0..{num_devices - 1}"
-            )
+            raise RoutingError(f"--placement {p}: expert {expert} -> {dev!r}, not a device in 0..{num_devices - 1}")
         owner[expert] = dev
     missing = [e for e, o in enumerate(owner) if o < 0]
     if missing:
@@ -124,9 +120,7 @@ def check_spec(spec: str, allowed: tuple[str, ...] = PLACEMENTS) -> None:
     raise RoutingError(f"--placement must be one of {', '.join(allowed)} or a FILE.json (got {spec!r})")
 
 
-def make_placement(
-    spec: str, num_experts: int, num_devices: int, load_E: torch.Tensor | None = None
-) -> torch.Tensor:
+def make_placement(spec: str, num_experts: int, num_devices: int, load_E: torch.Tensor | None = None) -> torch.Tensor:
     """[E] int64 owners for a placement spec: a built-in kind or a ``.json`` file.
 
     load_E: observed per-expert load, required by ``greedy``.

@@ -2,25 +2,33 @@
 
 No expert compute: each batch is routed, the shared ``positions`` step decides what is kept, and
 every routing metric is computed. Fast enough for a million tokens and hundreds of experts.
+:func:`route_specs` is what ``moe-bench route`` runs: routers named by specs, one workload, the
+shared flags applied with their one meaning (``bench.spec``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
 import torch
 
+from moe_routing_bench.bench.breakdown import breakdown
 from moe_routing_bench.bench.metrics import BatchLoads, aggregate, batch_metrics
-from moe_routing_bench.bench.timing import sync
+from moe_routing_bench.bench.spec import DEFAULT, CapacityFactor, Notes, Spec, router_options
+from moe_routing_bench.bench.timing import stopwatch
 from moe_routing_bench.kernels.positions import positions
 from moe_routing_bench.routers.contract import Batch, Router, RoutingError
 from moe_routing_bench.routers.registry import build_router
+from moe_routing_bench.workloads.base import Workload
+from moe_routing_bench.workloads.registry import build_workload
+
+ROUTE_HIDDEN = 64  # hidden size D of the workload's hidden states, for routers that read them
+DEFAULT_EXPERTS = 64
 
 
 @dataclass
@@ -61,27 +69,24 @@ def route_batches(
         router.fit(fit_sample)
     per_batch: list[dict[str, float]] = []
     loads: list[BatchLoads] = []
-    seconds = 0.0
+    seconds: list[float] = []
     tokens = 0
     cap: int | None = None
     top_k: float = router.config.top_k
     with torch.inference_mode():
         for batch in batches:
-            sync(device)
-            t0 = time.perf_counter()
-            plan = router.route(batch)
-            rank_R = None if plan.capacity is None else positions(plan.expert_R, plan.num_experts)[0]
-            metrics, load = batch_metrics(plan, rank_R)
-            router.update(plan)
-            sync(device)
-            seconds += time.perf_counter() - t0
+            with stopwatch(device, seconds):
+                plan = router.route(batch)
+                rank_R = None if plan.capacity is None else positions(plan.expert_R, plan.num_experts)[0]
+                metrics, load = batch_metrics(plan, rank_R)
+                router.update(plan)
             per_batch.append(metrics)
             loads.append(load)
             tokens += plan.num_tokens
             cap, top_k = plan.capacity, plan.top_k
     if not per_batch:
         raise RoutingError("num_batches must be >= 1")
-    return RouteResult(router, per_batch, loads, cap, top_k, seconds, tokens)
+    return RouteResult(router, per_batch, loads, cap, top_k, sum(seconds), tokens)
 
 
 def find_target_drop(
@@ -133,3 +138,80 @@ def describe_config(router: Router) -> dict[str, Any]:
         v = getattr(router.config, f.name)
         out[f.name] = float(v) if isinstance(v, Fraction) else v
     return out
+
+
+@dataclass
+class RouteReport:
+    """``route_specs``'s answer: one result per router label, in the order asked for."""
+
+    workload: Workload
+    tokens: int
+    experts: int
+    batches: int
+    seed: int
+    device: torch.device
+    results: dict[str, RouteResult]
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)  # --target-drop's capacity
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)  # --breakdown
+
+
+def route_specs(
+    specs: list[Spec],
+    workload_spec: Spec,
+    *,
+    tokens: int,
+    experts: int | None,
+    batches: int,
+    seed: int,
+    device: torch.device,
+    top_k: int | None = None,
+    capacity_factor: CapacityFactor = DEFAULT,
+    target_drop: float | None = None,
+    with_breakdown: bool = False,
+    notes: Notes | None = None,
+) -> RouteReport:
+    """Route ``batches`` batches of the workload with each router; the same batches for all.
+
+    experts: E, or None for the workload's own (a trace) or DEFAULT_EXPERTS; a trace refuses an E
+    other than its own. Every router is built before any routing, so a bad name or option is
+    refused before work starts. Routers that learn are fitted on the workload's fit slice.
+    """
+    if tokens < 1:
+        raise RoutingError(f"--tokens must be >= 1 (got {tokens})")
+    if batches < 1:
+        raise RoutingError(f"--batches must be >= 1 (got {batches})")
+    workload = build_workload(workload_spec.name, workload_spec.opts, seed=seed)
+    num_experts = experts if experts is not None else (workload.num_experts_fixed or DEFAULT_EXPERTS)
+    options = {
+        s.label: router_options(
+            s, experts=num_experts, seed=seed, top_k=top_k, capacity_factor=capacity_factor, notes=notes
+        )
+        for s in specs
+    }
+    routers = {s.label: build_router(s.name, **options[s.label]) for s in specs}
+    hidden = ROUTE_HIDDEN if any(r.needs_hidden for r in routers.values()) else None
+    make_batches = lambda: workload.batches(tokens, num_experts, batches, device, hidden_dim=hidden)
+    fit_cache: list[Batch] = []
+
+    def fit_slice(router: Router) -> Batch | None:
+        # Routers that learn (fit) read the workload's own fit slice, never a measured batch.
+        if not wants_fit(router):
+            return None
+        if not fit_cache:
+            fit_cache.append(workload.fit_sample(tokens, num_experts, device, hidden_dim=hidden))
+        return fit_cache[0]
+
+    report = RouteReport(workload, tokens, num_experts, batches, seed, device, {})
+    for spec in specs:
+        label, router = spec.label, routers[spec.label]
+        if target_drop is not None:
+            c, cf, res = find_target_drop(
+                spec.name, options[label], make_batches, tokens, target_drop, device, fit_slice(router)
+            )
+            report.extra[label] = {"target_drop": target_drop, "capacity": c, "capacity_factor": float(cf)}
+        else:
+            res = route_batches(router, make_batches(), device, fit_slice(router))
+        report.results[label] = res
+        if with_breakdown:
+            report.splits[label] = breakdown(res.router, make_batches, fit_slice(res.router))
+    return report

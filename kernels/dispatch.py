@@ -97,9 +97,7 @@ def _check_plan(
         if t.dtype != torch.int64:
             raise ValueError(f"{name} must be int64 (got {t.dtype})")
     if not weight_R.dtype.is_floating_point:
-        raise ValueError(
-            f"weight_R must be a floating-point tensor, float32 by contract (got {weight_R.dtype})"
-        )
+        raise ValueError(f"weight_R must be a floating-point tensor, float32 by contract (got {weight_R.dtype})")
     r = token_R.shape[0]
     if expert_R.shape[0] != r or weight_R.shape[0] != r:
         raise ValueError(

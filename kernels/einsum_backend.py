@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import Dispatch
+from .backend import Backend
+from .dispatch import Dispatch, analytic_buffer_bytes
 from .torch_backend import accumulate_dtype
-
-name = "einsum"
-layouts = ("padded",)
 
 
 def _check_layout(layout: str) -> None:
@@ -65,9 +63,31 @@ def combine(y: torch.Tensor, d: Dispatch, layout: str = "padded") -> torch.Tenso
     want = (d.num_experts, d.padded_capacity)
     if not isinstance(y, torch.Tensor) or y.dim() != 3 or tuple(y.shape[:2]) != want:
         raise ValueError(
-            f"y must be [E, C, D] with E={want[0]}, C={want[1]} for layout 'padded' "
-            f"(got {getattr(y, 'shape', y)})"
+            f"y must be [E, C, D] with E={want[0]}, C={want[1]} for layout 'padded' (got {getattr(y, 'shape', y)})"
         )
     acc = accumulate_dtype(y.dtype)
     out_TD = torch.einsum("tec,ecd->td", combine_weights(d, acc), y.to(acc))
     return out_TD.to(y.dtype)
+
+
+def _buffer_bytes(d: Dispatch, hidden: int, dtype: torch.dtype, layout: str) -> int:
+    _check_layout(layout)
+    return analytic_buffer_bytes(d, hidden, dtype, "einsum")
+
+
+def _planned_bytes(tokens: int, experts: int, top_k: float, capacity: int | None, hidden: int, elt: int) -> int:
+    # The one-hot mask and the combine weights, [T, E, C] each, plus the padded [E, C, D] buffer;
+    # dropless plans pad C up to the largest load, at most T.
+    c = capacity if capacity is not None else tokens
+    return (2 * tokens * experts * c + experts * c * hidden) * elt
+
+
+BACKEND = Backend(
+    name="einsum",
+    description="GShard's one-hot dispatch mask [T, E, C] and two einsums: the memory baseline",
+    layouts=("padded",),
+    permute=permute,
+    combine=combine,
+    buffer_bytes=_buffer_bytes,
+    planned_bytes=_planned_bytes,
+)

@@ -15,6 +15,11 @@ from torch.nn.functional import silu
 __all__ = ["ExpertFFN", "expert_flops"]
 
 
+def ffn_width(hidden: int, ffn_ratio: float) -> int:
+    """F, the expert FFN's inner width: ``round(ffn_ratio * D)``, at least 1."""
+    return max(1, round(ffn_ratio * hidden))
+
+
 def expert_flops(n_rows: int, hidden: int, ffn: int) -> int:
     """Forward FLOPs of the SwiGLU over ``n_rows`` rows: three [D, F] matmuls, 2 FLOPs per MAC.
 
@@ -52,7 +57,7 @@ class ExpertFFN(torch.nn.Module):
             raise ValueError(f"dtype must be a floating-point dtype (got {dtype})")
         self.num_experts = num_experts
         self.hidden = hidden
-        self.ffn = max(1, round(ffn_ratio * hidden))
+        self.ffn = ffn_width(hidden, ffn_ratio)
         e, d, f = num_experts, hidden, self.ffn
         gen = torch.Generator().manual_seed(seed)
 

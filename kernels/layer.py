@@ -1,10 +1,8 @@
 """The MoE layer as three stages, on any dispatch backend: permute -> experts -> combine.
 
-A backend is anything with ``name``, ``layouts`` (the buffer layouts it supports, preferred
-first) and two functions with the torch backend's signatures:
-
-- ``permute(x_TD, d, layout) -> buffer`` (compact [N, D] or padded [E, C, D])
-- ``combine(y, d, layout) -> out_TD``
+A backend is a ``kernels.backend.Backend``: its layouts, ``permute(x_TD, d, layout) -> buffer``
+(compact [N, D] or padded [E, C, D]), ``combine(y, d, layout) -> out_TD``, its buffer bytes, and
+why it cannot run on a device (``unavailable``). ``BACKENDS`` below lists every backend.
 
 Expert compute is the same ``ExpertFFN`` for every backend, so backends differ only in data
 movement. A benchmark times each stage through ``stage_hook``, a callable returning a context
@@ -18,34 +16,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Protocol
 
 import torch
 
 from . import einsum_backend, torch_backend, triton_backend
+from .backend import Backend
 from .dispatch import Dispatch
 from .experts import ExpertFFN
 
 STAGES = ("dispatch", "experts", "combine")
 
 
-class Backend(Protocol):
-    """What ``moe_forward`` needs from a dispatch backend (modules satisfy it structurally)."""
-
-    name: str
-    layouts: tuple[str, ...]
-
-    def permute(self, x_TD: torch.Tensor, d: Dispatch, layout: str) -> torch.Tensor: ...
-
-    def combine(self, y: torch.Tensor, d: Dispatch, layout: str) -> torch.Tensor: ...
-
-
+# Every dispatch backend, by name. Registered everywhere: the triton backend imports triton only
+# when a call can run (a CUDA GPU, or the interpreter on CPU) and otherwise says why it cannot.
 BACKENDS: dict[str, Backend] = {
-    "torch": torch_backend,
-    "einsum": einsum_backend,
-    # Registered everywhere: the module imports triton only when a call can run (a CUDA GPU, or
-    # the interpreter on CPU) and otherwise says why it cannot (see ``resolve_backend``).
-    "triton": triton_backend,
+    b.name: b for b in (torch_backend.BACKEND, einsum_backend.BACKEND, triton_backend.BACKEND)
 }
 
 
@@ -64,17 +49,17 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
     """
     dev = torch.device(device)
     if name == "auto":
-        return "triton" if triton_backend.runtime_error(dev) is None and dev.type == "cuda" else "torch"
-    get_backend(name)
-    if name == "triton":
-        triton_backend.require_runtime(dev)
+        return "triton" if dev.type == "cuda" and BACKENDS["triton"].unavailable(dev) is None else "torch"
+    why = get_backend(name).unavailable(dev)
+    if why is not None:
+        raise ValueError(why)
     return name
 
 
 def available_backends(device: torch.device | str) -> list[str]:
     """Registered backends that can run on ``device`` in this process (see ``resolve_backend``)."""
     dev = torch.device(device)
-    return [n for n in BACKENDS if n != "triton" or triton_backend.runtime_error(dev) is None]
+    return [n for n, b in BACKENDS.items() if b.unavailable(dev) is None]
 
 
 def get_backend(name: str) -> Backend:
@@ -110,11 +95,7 @@ def moe_forward(
     each stage wrote.
     """
     impl = get_backend(backend)
-    if layout is None:
-        layout = impl.layouts[0]
-    if layout not in impl.layouts:
-        allowed = " or ".join(repr(a) for a in impl.layouts)
-        raise ValueError(f"layout must be {allowed} for backend {backend!r} (got {layout!r})")
+    layout = impl.check_layout(layout)
     if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or x_TD.shape != (d.num_tokens, ffn.hidden):
         raise ValueError(
             f"x_TD must be [T, D] with T={d.num_tokens}, D={ffn.hidden} (got {getattr(x_TD, 'shape', x_TD)})"

@@ -11,11 +11,10 @@ from __future__ import annotations
 import torch
 
 
-def _check(expert_R: torch.Tensor, num_experts: int) -> None:
+def check_expert_R(expert_R: torch.Tensor, num_experts: int) -> None:
+    """Raise ValueError naming ``expert_R`` or ``num_experts`` when either breaks the contract."""
     if not isinstance(expert_R, torch.Tensor) or expert_R.dim() != 1:
-        raise ValueError(
-            f"expert_R must be a 1-D tensor [R] (got {getattr(expert_R, 'shape', type(expert_R))})"
-        )
+        raise ValueError(f"expert_R must be a 1-D tensor [R] (got {getattr(expert_R, 'shape', type(expert_R))})")
     if expert_R.dtype != torch.int64:
         raise ValueError(f"expert_R must be int64 (got {expert_R.dtype})")
     if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
@@ -24,7 +23,7 @@ def _check(expert_R: torch.Tensor, num_experts: int) -> None:
 
 def expert_counts(expert_R: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[E] int64 number of requests per expert."""
-    _check(expert_R, num_experts)
+    check_expert_R(expert_R, num_experts)
     return torch.bincount(expert_R, minlength=num_experts)
 
 
@@ -35,7 +34,7 @@ def positions(expert_R: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     Returns (rank_R [R] int64, counts_E [E] int64 requested load per expert).
     Memory O(R + E): a stable sort by expert, never a one-hot [R, E].
     """
-    _check(expert_R, num_experts)
+    check_expert_R(expert_R, num_experts)
     r = expert_R.shape[0]
     if r and (int(expert_R.min()) < 0 or int(expert_R.max()) >= num_experts):
         lo, hi = int(expert_R.min()), int(expert_R.max())

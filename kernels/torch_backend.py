@@ -12,10 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import LAYOUTS, Dispatch, check_layout
-
-name = "torch"
-layouts = LAYOUTS
+from .backend import Backend
+from .dispatch import LAYOUTS, Dispatch, analytic_buffer_bytes, check_layout
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,7 +63,7 @@ def permute(x_TD: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.T
     x_TD: [T, D]. Returns compact x_ND [N, D] (rows by expert, then rank) or padded x_ECD
     [E, C, D] with unused slots zero; same dtype and device as x_TD.
     """
-    check_layout(layout, layouts)
+    check_layout(layout, LAYOUTS)
     _check_x(x_TD, d)
     if layout == "compact":
         # token_by_row_N already lists tokens in row order: one gather, no scatter.
@@ -96,7 +94,7 @@ def combine(y: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.Tens
     Returns out_TD [T, D] in y's dtype: ``out[t] = sum over kept n of token t: weight_N[n] * y[n]``,
     accumulated in float32 (float64 for float64 y). Tokens with no kept expert get zeros.
     """
-    check_layout(layout, layouts)
+    check_layout(layout, LAYOUTS)
     _check_y(y, d, layout)
     dim, t = y.shape[-1], d.num_tokens
     acc = accumulate_dtype(y.dtype)
@@ -115,3 +113,13 @@ def combine(y: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.Tens
         per_sample_weights=d.weight_N[order_N].to(acc),
     )
     return out_TD.to(y.dtype)
+
+
+BACKEND = Backend(
+    name="torch",
+    description="index-based dispatch in plain torch (index_select, embedding_bag): the CPU path and the oracle",
+    layouts=LAYOUTS,
+    permute=permute,
+    combine=combine,
+    buffer_bytes=analytic_buffer_bytes,
+)

@@ -31,12 +31,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .dispatch import LAYOUTS, Dispatch, check_layout
+from .backend import Backend
+from .dispatch import LAYOUTS, Dispatch, analytic_buffer_bytes, check_layout
 from .torch_backend import _check_x, _check_y, token_major_order
 from .triton_common import interpret_requested
-
-name = "triton"
-layouts = LAYOUTS
 
 NO_GPU = "triton backend needs a CUDA GPU; on CPU it runs only under TRITON_INTERPRET=1 (tests)"
 NO_TRITON = "triton backend needs the triton package, which is not installed here (Linux: pip install triton)"
@@ -125,7 +123,7 @@ def _build_plan(d: Dispatch, layout: str) -> TritonPlan:
 
 def prepare(d: Dispatch, layout: str = "compact") -> TritonPlan:
     """The index arrays of ``d`` for ``layout``, built on first use and cached while d lives."""
-    check_layout(layout, layouts)
+    check_layout(layout, LAYOUTS)
     per_layout = _PLANS.setdefault(d, {})
     if layout not in per_layout:
         per_layout[layout] = _build_plan(d, layout)
@@ -245,7 +243,7 @@ def permute(x_TD: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.T
     x_TD: [T, D] float32/float16/bfloat16/float64. Returns compact x_ND [N, D] or padded x_ECD
     [E, C, D] (unused slots zero), same dtype and device; an exact copy of the rows.
     """
-    check_layout(layout, layouts)
+    check_layout(layout, LAYOUTS)
     _check_x(x_TD, d)
     require_runtime(x_TD.device)
     p = prepare(d, layout)
@@ -261,9 +259,20 @@ def combine(y: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.Tens
     y: compact y_ND [N, D] or padded y_ECD [E, C, D]. Returns out_TD [T, D] in y's dtype,
     accumulated in float32 (float64 for float64 y) in a fixed order: deterministic.
     """
-    check_layout(layout, layouts)
+    check_layout(layout, LAYOUTS)
     _check_y(y, d, layout)
     require_runtime(y.device)
     p = prepare(d, layout)
     y_MD = y.reshape(-1, y.shape[-1])
     return combine_op(y_MD, d.weight_N, p.csr_ptr_T1, p.csr_row_N, p.csr_n_N, p.token_M, p.n_M)
+
+
+BACKEND = Backend(
+    name="triton",
+    description="the shared Triton kernels: positions, permute, deterministic combine (CUDA; CPU interpreter in tests)",
+    layouts=LAYOUTS,
+    permute=permute,
+    combine=combine,
+    buffer_bytes=analytic_buffer_bytes,
+    unavailable=runtime_error,
+)

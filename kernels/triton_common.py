@@ -38,9 +38,7 @@ def check_device(name: str, t: torch.Tensor) -> None:
         return
     if t.device.type == "cpu" and interpret_requested():
         return
-    raise ValueError(
-        f"{name} is on {t.device}: triton kernels need a CUDA tensor (CPU only under TRITON_INTERPRET=1)"
-    )
+    raise ValueError(f"{name} is on {t.device}: triton kernels need a CUDA tensor (CPU only under TRITON_INTERPRET=1)")
 
 
 def check_same_device(ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:

@@ -157,9 +157,7 @@ def _combine_backward_kernel(
         y = tl.load(y_ptr + rows64[:, None] * stride_y + cols[None, :], mask=lmask, other=0.0).to(ACC)
         dot += g * y
         gy = (g * gate[:, None]).to(grad_y_ptr.dtype.element_ty)
-        tl.store(
-            grad_y_ptr + rows64[:, None] * stride_gy + cols[None, :], gy, mask=rmask[:, None] & cmask[None, :]
-        )
+        tl.store(grad_y_ptr + rows64[:, None] * stride_gy + cols[None, :], gy, mask=rmask[:, None] & cmask[None, :])
         d0 += BLOCK_D
     tl.store(grad_w_ptr + n, tl.sum(dot, axis=1).to(grad_w_ptr.dtype.element_ty), mask=live)
 
@@ -256,9 +254,7 @@ def segment_sum(
         raise ValueError("weight_N and widx_P come together: pass both or neither")
     if weight_N is not None:
         if weight_N.dim() != 1 or not weight_N.dtype.is_floating_point:
-            raise ValueError(
-                f"weight_N must be a 1-D float tensor (got {weight_N.dtype} {tuple(weight_N.shape)})"
-            )
+            raise ValueError(f"weight_N must be a 1-D float tensor (got {weight_N.dtype} {tuple(weight_N.shape)})")
         check_index("widx_P", widx_P)
         if widx_P.shape[0] != index_P.shape[0]:
             raise ValueError(f"widx_P must be [P] with P={index_P.shape[0]} (got {widx_P.shape[0]})")
@@ -311,9 +307,7 @@ def combine_backward(
     check_index("token_M", token_M)
     check_index("n_M", n_M)
     if weight_N.dim() != 1 or not weight_N.dtype.is_floating_point:
-        raise ValueError(
-            f"weight_N must be a 1-D float tensor (got {weight_N.dtype} {tuple(weight_N.shape)})"
-        )
+        raise ValueError(f"weight_N must be a 1-D float tensor (got {weight_N.dtype} {tuple(weight_N.shape)})")
     m, dim = y_MD.shape
     if token_M.shape[0] != m or n_M.shape[0] != m:
         raise ValueError(f"token_M and n_M must be [M] with M={m} (got {token_M.shape[0]}, {n_M.shape[0]})")

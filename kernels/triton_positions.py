@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .positions import check_expert_R
 from .triton_common import check_device, interpreted, next_pow2
 
 __all__ = ["MAX_RUNNING_E", "expert_positions", "positions"]
@@ -87,9 +88,7 @@ def _block_rank_kernel(expert_ptr, local_ptr, hist_ptr, R, E, BLOCK_R: tl.conste
 # before b (exclusive scan over b); counts_ptr: [E] int64 out, requests per expert.
 # Grid: (cdiv(E, BLOCK_E),); each program walks all NB blocks for its BLOCK_E experts.
 @triton.jit
-def _scan_blocks_kernel(
-    hist_ptr, prefix_ptr, counts_ptr, NB, E, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr
-):
+def _scan_blocks_kernel(hist_ptr, prefix_ptr, counts_ptr, NB, E, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
     pid = tl.program_id(0)
     cols = pid * BLOCK_E + tl.arange(0, BLOCK_E)
     cmask = cols < E
@@ -136,14 +135,7 @@ def _add_prefix_kernel(expert_ptr, rank_ptr, prefix_ptr, R, E, CHUNK: tl.constex
 
 
 def _check(expert_R: torch.Tensor, num_experts: int, tiles: tuple[int, int] | None) -> None:
-    if not isinstance(expert_R, torch.Tensor) or expert_R.dim() != 1:
-        raise ValueError(
-            f"expert_R must be a 1-D tensor [R] (got {getattr(expert_R, 'shape', type(expert_R))})"
-        )
-    if expert_R.dtype != torch.int64:
-        raise ValueError(f"expert_R must be int64 (got {expert_R.dtype})")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be an integer >= 1 (got {num_experts!r})")
+    check_expert_R(expert_R, num_experts)
     if tiles is not None:
         sub, n_sub = tiles
         if sub < 1 or sub & (sub - 1) or n_sub < 1:
@@ -204,9 +196,7 @@ def expert_positions(
         # walks all chunks.
         block_e = min(next_pow2(e), 1024 if interp else 32)
         block_b = min(next_pow2(nb), max(1, (16384 if interp else 2048) // block_e))
-        _scan_blocks_kernel[(triton.cdiv(e, block_e),)](
-            hist, prefix, counts_E, nb, e, BLOCK_B=block_b, BLOCK_E=block_e
-        )
+        _scan_blocks_kernel[(triton.cdiv(e, block_e),)](hist, prefix, counts_E, nb, e, BLOCK_B=block_b, BLOCK_E=block_e)
         block_r = min(next_pow2(r), 4096 if interp else 1024)
         _add_prefix_kernel[(triton.cdiv(r, block_r),)](x, rank_R, prefix, r, e, CHUNK=chunk, BLOCK_R=block_r)
     else:

@@ -14,9 +14,12 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar
 
 import torch
+
+from . import options as options_module
+from .options import check_literals
 
 
 class RoutingError(ValueError):
@@ -101,9 +104,7 @@ class Batch:
         if self.seq_T is not None and tuple(self.seq_T.shape) != (t,):
             raise RoutingError(f"seq_T must have shape [T] = [{t}] (got {list(self.seq_T.shape)})")
         if self.hidden_TD is not None and (self.hidden_TD.dim() != 2 or self.hidden_TD.shape[0] != t):
-            raise RoutingError(
-                f"hidden_TD must have shape [T, D] with T = {t} (got {_describe(self.hidden_TD)})"
-            )
+            raise RoutingError(f"hidden_TD must have shape [T, D] with T = {t} (got {_describe(self.hidden_TD)})")
 
     @property
     def num_tokens(self) -> int:
@@ -236,9 +237,7 @@ class RouterConfig:
         _check_int(self, "num_experts", low=1)
         _check_int(self, "top_k", low=1)
         if self.top_k > self.num_experts:
-            raise RoutingError(
-                f"top_k must be between 1 and num_experts = {self.num_experts} (got {self.top_k})"
-            )
+            raise RoutingError(f"top_k must be between 1 and num_experts = {self.num_experts} (got {self.top_k})")
         cf = self.capacity_factor
         if cf is not None:
             if isinstance(cf, bool) or not isinstance(cf, (int, float, Fraction)) or not math.isfinite(cf):
@@ -247,11 +246,7 @@ class RouterConfig:
                 raise RoutingError(f"capacity_factor must be > 0, or None for dropless (got {cf})")
         _check_int(self, "min_capacity", low=0)
         _check_int(self, "seed", low=0)
-        for f in dataclasses.fields(self):
-            choices = _literal_choices(type(self), f.name)
-            if choices is not None and getattr(self, f.name) not in choices:
-                allowed = ", ".join(repr(c) for c in choices)
-                raise RoutingError(f"{f.name} must be one of {allowed} (got {getattr(self, f.name)!r})")
+        check_literals(self, RoutingError)
 
     def capacity_for(self, num_tokens: int, top_k: float | None = None) -> int | None:
         if self.capacity_factor is None:
@@ -266,65 +261,18 @@ def _check_int(cfg: object, name: str, low: int) -> None:
         raise RoutingError(f"{name} must be an integer >= {low} (got {v!r})")
 
 
-def _literal_choices(cls: type, name: str) -> tuple[Any, ...] | None:
-    hint = get_type_hints(cls).get(name)
-    if get_origin(hint) is Literal:
-        return get_args(hint)
-    return None
-
-
 def config_from_options(config_cls: type[RouterConfig], options: dict[str, Any]) -> RouterConfig:
     """Build a config from user options, converting strings (``--router-opt k=v``) by field type.
 
     Unknown keys raise :class:`RoutingError` listing the valid ones.
     """
-    hints = get_type_hints(config_cls)
-    names = [f.name for f in dataclasses.fields(config_cls)]
-    values: dict[str, Any] = {}
-    for key, raw in options.items():
-        if key not in names:
-            raise RoutingError(f"unknown router option {key!r}; valid options: {', '.join(names)}")
-        values[key] = _convert(key, raw, hints[key]) if isinstance(raw, str) else raw
-    return config_cls(**values)
-
-
-def parse_option(raw: str, hint: Any) -> Any:
-    """Parse a command-line string by a config field's declared type (bool, int, float, str,
-    Literal, or an Optional of those; 'none' gives None where the type allows it). Raises
-    ValueError saying what was wanted; routers and workloads add which option it was."""
-    text = raw.strip()
-    args = get_args(hint)
-    if text.lower() in ("none", "null") and type(None) in args:
-        return None
-    if get_origin(hint) is Literal:
-        return text
-    candidates = [a for a in args if a is not type(None)] or [hint]
-    for typ in candidates:
-        try:
-            if typ is bool:
-                low = text.lower()
-                if low in ("1", "true", "yes", "on"):
-                    return True
-                if low in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError
-            if typ is int:
-                return int(text)
-            if typ is float:
-                return float(text)
-            if typ is str:
-                return text
-        except ValueError:
-            continue
-    wanted = " or ".join(getattr(t, "__name__", str(t)) for t in candidates)
-    raise ValueError(f"must be {wanted} (got {raw!r})")
-
-
-def _convert(key: str, raw: str, hint: Any) -> Any:
-    try:
-        return parse_option(raw, hint)
-    except ValueError as exc:
-        raise RoutingError(f"router option {key} {exc}") from None
+    return options_module.config_from_options(
+        config_cls,
+        options,
+        RoutingError,
+        unknown=lambda key, names: f"unknown router option {key!r}; valid options: {', '.join(names)}",
+        bad_value=lambda key, why: f"router option {key} {why}",
+    )
 
 
 class Router:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .contract import Batch, Plan, Router, RouterConfig, RoutingError, softmax_lse, z_loss
+from .options import fixed
 from .registry import register_router
 
 
@@ -31,8 +32,10 @@ class DenseConfig(RouterConfig):
     """top_k is every expert: leave it unset (it becomes num_experts) or pass num_experts.
     Dropless unless capacity_factor is set."""
 
-    top_k: int | None = None  # type: ignore[assignment]  # fixed to num_experts in __post_init__
-    capacity_factor: float | None = None
+    # top_k is fixed to num_experts in __post_init__; capacity_factor stays None unless set on
+    # dense itself (the shared --capacity-factor does not apply: dense is the dropless ceiling).
+    top_k: int | None = fixed(None, "dense sends every token to every expert")  # type: ignore[assignment]
+    capacity_factor: float | None = fixed(None, "dense has no capacity: every token goes to every expert")
 
     def __post_init__(self) -> None:
         if self.top_k is None and isinstance(self.num_experts, int):

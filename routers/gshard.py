@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 from .contract import Batch, Plan, Router, RouterConfig, RoutingError, load_balancing_loss, z_loss
+from .options import fixed
 from .registry import register_router
 
 SECOND_POLICIES = ("random", "always")
@@ -93,16 +94,14 @@ class GShardConfig(RouterConfig):
     random routing) or `always`. capacity_factor 1.0 gives GShard's expert capacity 2T/E; None is
     dropless."""
 
-    top_k: int = 2
+    top_k: int = fixed(2, "gshard routes each token to at most two experts")
     capacity_factor: float | None = 1.0
     second_policy: Literal["random", "always"] = "random"
 
     def validate(self) -> None:
         super().validate()
         if self.top_k != 2:
-            raise RoutingError(
-                f"gshard routes each token to at most two experts: top_k must be 2 (got {self.top_k})"
-            )
+            raise RoutingError(f"gshard routes each token to at most two experts: top_k must be 2 (got {self.top_k})")
         if self.num_experts < 2:
             raise RoutingError(
                 f"gshard needs two experts to choose from: num_experts must be >= 2 (got {self.num_experts})"

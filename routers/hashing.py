@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 
 from .contract import Batch, Plan, Router, RouterConfig, RoutingError
+from .options import fixed
 from .registry import register_router
 
 _MASK64 = (1 << 64) - 1
@@ -93,6 +94,7 @@ class HashConfig(RouterConfig):
     """top_k is fixed at 1. variant: `random` (seeded hash of the token id) or `balanced` (greedy
     assignment by frequency, learned by fit on a separate slice). Dropless unless capacity_factor."""
 
+    top_k: int = fixed(1, "hash routes each token to one expert")
     capacity_factor: float | None = None
     variant: Literal["random", "balanced"] = "random"
 

@@ -103,8 +103,7 @@ class HierarchicalConfig(RouterConfig):
         if self.form == "nllb":
             if self.top_k != 2:
                 raise RoutingError(
-                    f"hierarchical form 'nllb' runs GShard top-2 in its MoE branch: top_k must be 2 "
-                    f"(got {self.top_k})"
+                    f"hierarchical form 'nllb' runs GShard top-2 in its MoE branch: top_k must be 2 (got {self.top_k})"
                 )
             if self.num_experts < 2:
                 raise RoutingError(f"form 'nllb' needs num_experts >= 2 (got {self.num_experts})")

@@ -51,15 +51,11 @@ class Registry:
 
     def register(self, name: str, description: str | None, decorator: str) -> Callable[[T], T]:
         if not name or not isinstance(name, str) or any(c.isspace() or c in self.forbidden for c in name):
-            raise self.error(
-                f"{self.kind} name must be a non-empty string without {self.name_rule} (got {name!r})"
-            )
+            raise self.error(f"{self.kind} name must be a non-empty string without {self.name_rule} (got {name!r})")
 
         def deco(cls: T) -> T:
             if not (isinstance(cls, type) and issubclass(cls, self.base)):
-                raise self.error(
-                    f"@{decorator}({name!r}) must decorate a {self.base.__name__} subclass (got {cls!r})"
-                )
+                raise self.error(f"@{decorator}({name!r}) must decorate a {self.base.__name__} subclass (got {cls!r})")
             existing = self.classes.get(name)
             if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
                 raise self.error(f"{self.kind} {name!r} is already registered by {existing.__module__}")

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .contract import Batch, Plan, Router, RouterConfig, RoutingError, load_balancing_loss, z_loss
+from .options import fixed
 from .registry import register_router
 
 
@@ -16,6 +17,7 @@ class SwitchConfig(RouterConfig):
     2021), instead of token order. jitter: multiplicative noise U(1 - j, 1 + j) on the logits
     (training only; off in benchmarks)."""
 
+    top_k: int = fixed(1, "switch routes each token to one expert")
     capacity_factor: float | None = 1.0
     batch_prioritized: bool = False
     jitter: float = 0.0

@@ -27,9 +27,7 @@ def test_root_folders_are_not_regular_packages():
 
 
 def test_import_kernels_in_the_repo_root_is_not_our_folder():
-    proc = _python(
-        "import kernels, sys; print(getattr(kernels, '__file__', None) or list(kernels.__path__))", REPO
-    )
+    proc = _python("import kernels, sys; print(getattr(kernels, '__file__', None) or list(kernels.__path__))", REPO)
     if proc.returncode != 0:
         # No other `kernels` installed: then only a namespace portion could exist, never ours as a package.
         assert "No module named 'kernels'" in proc.stderr, proc.stderr
@@ -102,7 +100,5 @@ def test_no_code_imports_a_bare_root_name():
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
                 names = [node.module]
-            offenders += [
-                f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] in BARE
-            ]
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] in BARE]
     assert not offenders, offenders

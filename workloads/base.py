@@ -17,12 +17,14 @@ import math
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from moe_routing_bench.routers.contract import Batch, RoutingError, parse_option
+from moe_routing_bench.routers import options as options_module
+from moe_routing_bench.routers.contract import Batch, RoutingError
+from moe_routing_bench.routers.options import check_literals
 
 
 class WorkloadError(RoutingError):
@@ -58,12 +60,7 @@ class WorkloadConfig:
     def validate(self) -> None:
         check_int(self, "seed", low=0)
         check_int(self, "seq_len", low=1)
-        for f in dataclasses.fields(self):
-            choices = _literal_choices(type(self), f.name)
-            value = getattr(self, f.name)
-            if choices is not None and value not in choices:
-                allowed = ", ".join(repr(c) for c in choices)
-                raise WorkloadError(f"{self.workload}: {f.name} must be one of {allowed} (got {value!r})")
+        check_literals(self, WorkloadError, prefix=f"{self.workload}: ")
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -104,34 +101,17 @@ def check_float(
         raise WorkloadError(f"{cfg.workload}: {name} must be a number {span} (got {v!r})")
 
 
-def _literal_choices(cls: type, name: str) -> tuple[Any, ...] | None:
-    hint = get_type_hints(cls).get(name)
-    if get_origin(hint) is Literal:
-        return get_args(hint)
-    return None
-
-
 def config_from_options(config_cls: type[WorkloadConfig], options: dict[str, Any]) -> WorkloadConfig:
     """Build a workload config from user options; strings (``--workload-opt k=v``) are parsed by
     the field's declared type. Unknown keys raise :class:`WorkloadError` listing the valid ones."""
-    hints = get_type_hints(config_cls)
-    names = [f.name for f in dataclasses.fields(config_cls)]
-    values: dict[str, Any] = {}
-    for key, raw in options.items():
-        if key not in names:
-            raise WorkloadError(
-                f"unknown option {key!r} for workload {config_cls.workload!r}; "
-                f"valid options: {', '.join(names)}"
-            )
-        values[key] = _convert(config_cls.workload, key, raw, hints[key]) if isinstance(raw, str) else raw
-    return config_cls(**values)
-
-
-def _convert(workload: str, key: str, raw: str, hint: Any) -> Any:
-    try:
-        return parse_option(raw, hint)
-    except ValueError as exc:
-        raise WorkloadError(f"{workload}: {key} {exc}") from None
+    name = config_cls.workload
+    return options_module.config_from_options(
+        config_cls,
+        options,
+        WorkloadError,
+        unknown=lambda key, names: f"unknown option {key!r} for workload {name!r}; valid options: {', '.join(names)}",
+        bad_value=lambda key, why: f"{name}: {key} {why}",
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,9 +282,7 @@ class Workload:
             raise WorkloadError(f"hidden_dim D must be an integer >= 1 or None (got {hidden_dim!r})")
         fixed = self.num_experts_fixed
         if fixed is not None and fixed != num_experts:
-            raise WorkloadError(
-                f"{self.name}: this workload has E = {fixed} experts (got num_experts = {num_experts})"
-            )
+            raise WorkloadError(f"{self.name}: this workload has E = {fixed} experts (got num_experts = {num_experts})")
         self.check_experts(num_experts)
 
     def _emit(self, t, e, n, fit, device, hidden_dim) -> Iterator[Batch]:

@@ -139,12 +139,8 @@ def text_source(lang: str) -> Source:
     files = tuple(DEBIAN_REFERENCE_DIR / f"{ch}.{lang}.html" for ch in _CHAPTERS)
     present = tuple(p for p in files if p.is_file())
     if not present:
-        raise MissingSourceError(
-            f"text workload lang={lang} needs the Debian package {pkg}: apt-get install {pkg}"
-        )
-    return Source(
-        f"text-{lang}", present, _read_prose, {"package": pkg, "reader": f"prose-{PROSE_READER_VERSION}"}
-    )
+        raise MissingSourceError(f"text workload lang={lang} needs the Debian package {pkg}: apt-get install {pkg}")
+    return Source(f"text-{lang}", present, _read_prose, {"package": pkg, "reader": f"prose-{PROSE_READER_VERSION}"})
 
 
 # Prose-bearing elements; the first match wins, so a <p> inside a <li> is taken once, with it.

@@ -85,8 +85,7 @@ def warn_wrap(num_available: int, needed: int, what: str) -> None:
     """Warn when a run needs more tokens than its stream holds (it then wraps round)."""
     if needed > num_available:
         warnings.warn(
-            f"{what} has {num_available} tokens and the run reads {needed}: it wraps round and "
-            "repeats tokens",
+            f"{what} has {num_available} tokens and the run reads {needed}: it wraps round and repeats tokens",
             stacklevel=3,
         )
 
@@ -134,9 +133,7 @@ class TokenStreamWorkload(Workload):
     def gate(self, num_experts: int) -> torch.Tensor:
         """[dim, E] the probe gate's weights."""
         d = self.config.dim
-        return torch.randn(
-            d, num_experts, generator=generator(self.config.seed, "gate", num_experts)
-        ) / math.sqrt(d)
+        return torch.randn(d, num_experts, generator=generator(self.config.seed, "gate", num_experts)) / math.sqrt(d)
 
     def probe(self, token_T: np.ndarray, seq_T: torch.Tensor) -> torch.Tensor:
         """[T, dim] gate inputs h (see the module docstring)."""

@@ -213,8 +213,7 @@ class HotWorkload(ClassVocabWorkload):
         super().check_experts(num_experts)
         if self.config.expert >= num_experts:
             raise WorkloadError(
-                f"hot: expert must be between 0 and num_experts - 1 = {num_experts - 1} "
-                f"(got {self.config.expert})"
+                f"hot: expert must be between 0 and num_experts - 1 = {num_experts - 1} (got {self.config.expert})"
             )
 
     def popularity(self, num_experts: int) -> torch.Tensor:

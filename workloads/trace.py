@@ -71,9 +71,7 @@ def write_trace(
         for layer, logits_NE in enumerate(logits_by_layer):
             logits_NE = np.ascontiguousarray(logits_NE, dtype=np.float32)
             if logits_NE.ndim != 2 or logits_NE.shape[0] != n:
-                raise WorkloadError(
-                    f"trace layer {layer}: logits must be [N = {n}, E] (got {logits_NE.shape})"
-                )
+                raise WorkloadError(f"trace layer {layer}: logits must be [N = {n}, E] (got {logits_NE.shape})")
             e = logits_NE.shape[1]
             offsets = pa.array(np.arange(0, n * e + 1, e, dtype=np.int32))
             logits = pa.ListArray.from_arrays(offsets, pa.array(logits_NE.reshape(-1)))
@@ -95,18 +93,14 @@ def read_trace_meta(path: str | Path) -> dict[str, Any]:
 
     p = Path(path)
     if not p.is_file():
-        raise MissingSourceError(
-            f"trace: path {str(path)!r} is not a file (write one with moe-bench capture)"
-        )
+        raise MissingSourceError(f"trace: path {str(path)!r} is not a file (write one with moe-bench capture)")
     try:
         schema = pq.read_schema(p)
     except Exception as exc:
         raise WorkloadError(f"trace: {str(path)!r} is not a Parquet file ({exc})") from None
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
-        raise WorkloadError(
-            f"trace: {str(path)!r} is not a moe-bench trace (no {META_KEY.decode()} metadata)"
-        )
+        raise WorkloadError(f"trace: {str(path)!r} is not a moe-bench trace (no {META_KEY.decode()} metadata)")
     meta = json.loads(raw)
     if meta.get("format") != TRACE_FORMAT or meta.get("version") != TRACE_VERSION:
         raise WorkloadError(
@@ -170,9 +164,7 @@ class TraceWorkload(Workload):
         self.meta = read_trace_meta(self.config.path)  # refuses a bad path or layer up front
         n_layers = len(self.meta["layers"])
         if self.config.layer >= n_layers:
-            raise WorkloadError(
-                f"trace: layer must be between 0 and {n_layers - 1} (got {self.config.layer})"
-            )
+            raise WorkloadError(f"trace: layer must be between 0 and {n_layers - 1} (got {self.config.layer})")
         self._rows: dict[str, np.ndarray] | None = None
 
     @property

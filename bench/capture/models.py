@@ -27,20 +27,16 @@ from __future__ import annotations
 
 import datetime
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import torch
 
-from moe_routing_bench.bench.timing import resolve_device
 from moe_routing_bench.routers.contract import RoutingError
 from moe_routing_bench.workloads.base import Workload
 from moe_routing_bench.workloads.real import TokenStreamWorkload
-from moe_routing_bench.workloads.registry import build_workload
 from moe_routing_bench.workloads.trace import write_trace
 
 _MOE_PARENT = re.compile(r"moe|sparse|mixture|expert", re.I)
@@ -133,9 +129,7 @@ def load_model(model_id: str, dtype: str, device: torch.device):
     dtype_key = "dtype" if major_minor >= (4, 56) else "torch_dtype"
     if dtype != "auto":
         kw[dtype_key] = getattr(torch, dtype)
-    auto = (
-        tf.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else tf.AutoModelForCausalLM
-    )
+    auto = tf.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else tf.AutoModelForCausalLM
     try:
         model = auto.from_pretrained(model_id, use_safetensors=True, **kw)
     except (OSError, ValueError) as exc:
@@ -217,9 +211,7 @@ def _tokens(
             tokenizer = tf.AutoTokenizer.from_pretrained(model_id, local_files_only=True)
         except Exception as exc:
             if mode == "model":
-                raise RoutingError(
-                    f"--tokenizer model: {model_id!r} has no usable tokenizer ({exc})"
-                ) from None
+                raise RoutingError(f"--tokenizer model: {model_id!r} has no usable tokenizer ({exc})") from None
     elif mode == "model":
         raise RoutingError(f"--tokenizer model needs a text workload (code or text), not {workload.name!r}")
     if tokenizer is not None:
@@ -232,9 +224,7 @@ def _tokens(
             if len(ids) >= num_tokens:
                 break
         if len(ids) < num_tokens:
-            raise RoutingError(
-                f"the {workload.name} corpus gives only {len(ids)} model tokens (asked {num_tokens})"
-            )
+            raise RoutingError(f"the {workload.name} corpus gives only {len(ids)} model tokens (asked {num_tokens})")
         token_N = np.asarray(ids[:num_tokens], dtype=np.int64)
         return (
             token_N,
@@ -253,59 +243,27 @@ def _tokens(
     return source % vocab, source.astype(np.int64), f"{how}, remapped id % vocab_size ({vocab})"
 
 
-@click.command("capture")
-@click.option(
-    "--model", "model_id", required=True, help="Folder from save_pretrained, or a hub id in the local cache."
-)
-@click.option(
-    "--workload", "workload_name", default="text", show_default=True, help="Where the tokens come from."
-)
-@click.option("--lang", default=None, help="Shortcut for --workload-opt lang=LANG (text workload).")
-@click.option("--workload-opt", "workload_opts", multiple=True, metavar="KEY=VALUE")
-@click.option("--tokens", "-T", "num_tokens", type=int, default=4096, show_default=True)
-@click.option(
-    "--seq-len", type=int, default=512, show_default=True, help="Tokens per sequence fed to the model."
-)
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per forward pass.")
-@click.option(
-    "--tokenizer",
-    "tokenizer_mode",
-    type=click.Choice(["auto", "model", "workload"]),
-    default="auto",
-    show_default=True,
-    help="model: the model's tokenizer on the workload's text; workload: the workload's ids % vocab_size.",
-)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option(
-    "--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Trace file (.parquet)."
-)
-def capture_cmd(
+def capture_trace(
     model_id: str,
-    workload_name: str,
-    lang: str | None,
-    workload_opts: tuple[str, ...],
+    workload: Workload,
+    out_path: str | Path,
+    *,
     num_tokens: int,
     seq_len: int,
     batch_size: int,
     tokenizer_mode: str,
     dtype: str,
-    device: str,
-    seed: int,
-    out_path: str,
-) -> None:
-    """Record every MoE layer's router logits (with the token ids) of a Hugging Face model to Parquet."""
-    from moe_routing_bench.bench.cli import _workload_options
-
+    device: torch.device,
+) -> tuple[int, int, list[int], str, str]:
+    """Run the model over the workload's tokens, write the trace; returns (layers, tokens, the
+    layers' E values, the model class, how the tokens were made)."""
     for label, v in (("--tokens", num_tokens), ("--seq-len", seq_len), ("--batch-size", batch_size)):
         if v < 1:
             raise RoutingError(f"{label} must be >= 1 (got {v})")
-    opts = _workload_options(workload_opts)
-    if lang is not None:
-        opts["lang"] = lang
-    workload = build_workload(workload_name, opts, seed=seed)
-    dev = resolve_device(device)
+    out = Path(out_path)
+    if not out.parent.is_dir():
+        raise RoutingError(f"--out {out}: the directory {str(out.parent)!r} does not exist")
+    dev = device
     model, config = load_model(model_id, dtype, dev)
     num_experts = int(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0) or 8)
     token_N, source_N, how = _tokens(workload, model_id, config, num_tokens, tokenizer_mode, num_experts)
@@ -331,14 +289,6 @@ def capture_cmd(
         "transformers_version": tf.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    write_trace(out_path, token_N, seq_N, pos_N, source_N, logits, meta)
+    write_trace(out, token_N, seq_N, pos_N, source_N, logits, meta)
     es = sorted({int(x.shape[1]) for x in logits})
-    click.echo(
-        f"captured {len(gates)} MoE layers x {token_N.shape[0]} tokens (E = {', '.join(map(str, es))}) "
-        f"from {type(model).__name__} -> {Path(out_path)}",
-    )
-    click.echo(f"tokens: {how}", err=True)
-
-
-if __name__ == "__main__":
-    sys.exit(capture_cmd())
+    return len(gates), int(token_N.shape[0]), es, type(model).__name__, how

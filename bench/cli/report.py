@@ -29,18 +29,13 @@ REGRESSION_EXIT = 1
 )
 def report_cmd(runs: tuple[Path, ...], out: Path | None) -> None:
     """Render figures (PNG), report.html and report.md from one or more run directories."""
-    from moe_routing_bench.bench.report.build import (
-        build_report,  # matplotlib and seaborn load only when a report is made
-    )
+    from moe_routing_bench.bench.report.build import make_report  # matplotlib loads only for a report
 
-    rep = build_report(list(runs), out)
-    for fo, png in rep.figures:
-        click.echo(f"figure {png}: {fo.title}")
-    for lo in rep.left_out:
-        click.echo(f"left out {lo.name}: {lo.reason}")
-    n_exc = len(rep.data.excluded)
-    if n_exc:
-        click.echo(f"{n_exc} error/skipped configurations are listed in the report, drawn in no figure")
+    rep = make_report(list(runs), out)
+    for title, png in rep.figures:
+        click.echo(f"figure {png}: {title}")
+    for note in rep.notes:
+        click.echo(note)
     click.echo(f"report: {rep.html}")
     click.echo(f"markdown: {rep.md}")
 

@@ -27,7 +27,6 @@ M rows received, P experts in placement order.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,13 +34,47 @@ from typing import Any
 import torch
 
 from moe_routing_bench.bench.harness.sweep import Point
-from moe_routing_bench.bench.workload_adapter import make_workload
+from moe_routing_bench.bench.record import config_id_of
 from moe_routing_bench.kernels import torch_backend
 from moe_routing_bench.kernels.dispatch import Dispatch
 from moe_routing_bench.kernels.experts import ExpertFFN
+from moe_routing_bench.workloads.registry import build_workload
 
 # Rank r's hidden states are seeded with seed + RANK_STRIDE * r (+ the offset bench.measure uses):
 # no two ranks share them for seeds < RANK_STRIDE, and rank 0's equal a single-process run's.
+# Per-step stages each rank times; the derived ones are sums of these.
+STEP_STAGES = (
+    "route",
+    "permute",
+    "wait_dispatch",
+    "a2a_dispatch",
+    "experts",
+    "wait_combine",
+    "a2a_combine",
+    "combine",
+    "shared",
+    "total",
+)
+DERIVED = {
+    "dispatch": ("permute", "a2a_dispatch"),
+    "combine_all": ("a2a_combine", "combine"),
+    "a2a": ("a2a_dispatch", "a2a_combine"),
+    "wait": ("wait_dispatch", "wait_combine"),
+    "busy": ("a2a_dispatch", "experts", "a2a_combine"),
+}
+TIMED = (*STEP_STAGES, *DERIVED)
+COUNTS = (
+    "experts_local",
+    "tokens_in",
+    "rows_kept",
+    "rows_sent",
+    "rows_local",
+    "rows_received",
+    "rows_processed",
+    "bytes_sent",
+    "bytes_received",
+)
+
 RANK_STRIDE = 1_000_003
 # Hidden states: the same offset as bench.measure (seed + 7), per rank.
 HIDDEN_SEED_OFFSET = 7
@@ -210,7 +243,7 @@ class EPPoint:
 
     @property
     def config_id(self) -> str:
-        return hashlib.sha1(("ep" + self.to_json()).encode()).hexdigest()[:16]
+        return config_id_of("ep" + self.to_json())
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -229,7 +262,7 @@ def rank_batches(point: Point, rank: int, world: int, device: torch.device | str
     Every rank builds the same workload (the run's seed), so gates, vocabularies and expert
     popularity are shared; the fit sample (``workload.fit_sample``) is the same on every rank too.
     """
-    workload = make_workload(point.workload, point.workload_opts, point.seed)
+    workload = build_workload(point.workload, point.workload_opts, point.seed)
     n = point.warmup + point.repeats
     stream = workload.batches(point.tokens, point.experts, n * world, device)
     return workload, [b for j, b in enumerate(stream) if j % world == rank]
@@ -239,8 +272,7 @@ def rank_hidden(point: Point, rank: int, n_batches: int, dtype: torch.dtype, dev
     """The hidden states [T, D] of rank ``rank``'s batches (seeded; the same on any device)."""
     gen = torch.Generator().manual_seed(rank_seed(point.seed, rank) + HIDDEN_SEED_OFFSET)
     return [
-        torch.randn(point.tokens, point.hidden, generator=gen).to(device=device, dtype=dtype)
-        for _ in range(n_batches)
+        torch.randn(point.tokens, point.hidden, generator=gen).to(device=device, dtype=dtype) for _ in range(n_batches)
     ]
 
 

@@ -22,9 +22,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moe_routing_bench.bench.ep.exchange import EPPoint
+from moe_routing_bench.bench.ep.exchange import COUNTS, EPPoint
 from moe_routing_bench.bench.metrics import METRICS, aggregate
-from moe_routing_bench.bench.record import RunDir, atomic_write_table
+from moe_routing_bench.bench.record import RunDir, atomic_write_table, header
 from moe_routing_bench.kernels.experts import expert_flops
 
 EP_RANKS = "ep_ranks"
@@ -82,20 +82,7 @@ def _rank_rows(run_id: str, ep: EPPoint, ranks: list[dict[str, Any]]) -> list[di
                 "rank": r["rank"],
                 "experts_local": int(r["experts_local"]),
                 "tokens_in": int(r["tokens_in"]),
-                **{
-                    k: r[k]
-                    for k in (
-                        "rows_kept",
-                        "rows_sent",
-                        "rows_local",
-                        "rows_received",
-                        "rows_processed",
-                        "bytes_sent",
-                        "bytes_received",
-                        "straggler",
-                        "load_ratio",
-                    )
-                },
+                **{k: r[k] for k in (*COUNTS[2:], "straggler", "load_ratio")},  # rows and bytes
                 "a2a_time_median": r["a2a_median"],
                 "a2a_time_p20": r["a2a_p20"],
                 "a2a_time_p80": r["a2a_p80"],
@@ -115,11 +102,11 @@ def _rank_rows(run_id: str, ep: EPPoint, ranks: list[dict[str, Any]]) -> list[di
 
 def ep_base_row(run: RunDir, ep: EPPoint, meta: dict[str, Any]) -> dict[str, Any]:
     """The ROW_SCHEMA fields every row of this configuration has, whatever its status."""
-    from moe_routing_bench.bench.cli.run import base_row  # the sweep's row header, defined once
-
-    row = base_row(ep.point, run, meta)
-    row.update(config_id=ep.config_id, config_json=ep.to_json(), backend_ran=f"torch+{ep.dist_backend}")
-    return row
+    return {
+        **header(meta, ep.config_id, ep.point.seed, ep.to_json()),
+        **ep.point.columns(),
+        "backend_ran": f"torch+{ep.dist_backend}",
+    }
 
 
 def ep_row(
@@ -166,9 +153,7 @@ def ep_row(
     return row
 
 
-def write_ep_config(
-    run_path: Path, ep: EPPoint, gathered: dict[str, Any], ranks: list[dict[str, Any]]
-) -> None:
+def write_ep_config(run_path: Path, ep: EPPoint, gathered: dict[str, Any], ranks: list[dict[str, Any]]) -> None:
     """Per-rank part, then loads and the row (the row part marks the configuration finished)."""
     run = RunDir.open(run_path)
     meta = run.read_meta()

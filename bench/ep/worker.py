@@ -20,9 +20,7 @@ import json
 import math
 import os
 import sys
-import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,10 @@ import torch
 import torch.distributed as dist
 
 from moe_routing_bench.bench.ep.exchange import (
+    COUNTS,
+    DERIVED,
+    STEP_STAGES,
+    TIMED,
     EPPoint,
     Sharding,
     finish,
@@ -42,64 +44,14 @@ from moe_routing_bench.bench.ep.exchange import (
     send_rows,
     wire_bytes,
 )
-from moe_routing_bench.bench.harness.measure import quantiles  # one definition of median / p20 / p80
 from moe_routing_bench.bench.metrics import METRICS, batch_metrics
-from moe_routing_bench.bench.moe_layer import SHARED_WEIGHT, plan_dispatch
+from moe_routing_bench.bench.moe_layer import SHARED_WEIGHT, add_shared_branch, plan_dispatch
 from moe_routing_bench.bench.routing import wants_fit
-from moe_routing_bench.bench.timing import sync
+from moe_routing_bench.bench.timing import StageTimer, dtype_of, quantiles, stopwatch
 from moe_routing_bench.kernels.experts import ExpertFFN
 from moe_routing_bench.routers.registry import build_router, load_plugin
 
 CONFIGS_FILE = "ep_configs.json"
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Per-step stages each rank times; the derived ones are sums of these.
-STEP_STAGES = (
-    "route",
-    "permute",
-    "wait_dispatch",
-    "a2a_dispatch",
-    "experts",
-    "wait_combine",
-    "a2a_combine",
-    "combine",
-    "shared",
-    "total",
-)
-DERIVED = {
-    "dispatch": ("permute", "a2a_dispatch"),
-    "combine_all": ("a2a_combine", "combine"),
-    "a2a": ("a2a_dispatch", "a2a_combine"),
-    "wait": ("wait_dispatch", "wait_combine"),
-    "busy": ("a2a_dispatch", "experts", "a2a_combine"),
-}
-TIMED = (*STEP_STAGES, *DERIVED)
-COUNTS = (
-    "experts_local",
-    "tokens_in",
-    "rows_kept",
-    "rows_sent",
-    "rows_local",
-    "rows_received",
-    "rows_processed",
-    "bytes_sent",
-    "bytes_received",
-)
-
-
-class _Clock:
-    """Host wall time per stage, device-synchronised on both ends (collectives included)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.times: dict[str, float] = defaultdict(float)
-
-    @contextmanager
-    def __call__(self, stage: str):
-        sync(self.device)
-        t0 = time.perf_counter()
-        yield
-        sync(self.device)
-        self.times[stage] += time.perf_counter() - t0
 
 
 def _barrier(device: torch.device) -> None:
@@ -119,7 +71,7 @@ def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
 def run_config(ep: EPPoint, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     """Run one configuration on this rank; returns what every rank gathered (rank 0 writes it)."""
     point = ep.point
-    dtype = _DTYPES[point.dtype]
+    dtype = dtype_of(point.dtype)
     elt = torch.empty((), dtype=dtype).element_size()
     router = build_router(point.router, **point.router_options())
     workload, batches = rank_batches(point, rank, world, device)
@@ -127,9 +79,7 @@ def run_config(ep: EPPoint, rank: int, world: int, device: torch.device) -> dict
     if wants_fit(router):
         router.fit(workload.fit_sample(point.tokens, point.experts, device))
     full = ExpertFFN(point.experts, point.hidden, ffn_ratio=point.ffn_ratio, seed=point.seed, dtype=dtype)
-    shared_ffn = ExpertFFN(
-        1, point.hidden, ffn_ratio=point.ffn_ratio, seed=point.seed + 1, dtype=dtype, device=device
-    )
+    shared_ffn = ExpertFFN(1, point.hidden, ffn_ratio=point.ffn_ratio, seed=point.seed + 1, dtype=dtype, device=device)
     sh = Sharding(torch.tensor(ep.owner_E, dtype=torch.int64), world)
     mine = sh.local_experts(rank)
     ffn = local_ffn(full, mine, device)
@@ -145,40 +95,37 @@ def run_config(ep: EPPoint, rank: int, world: int, device: torch.device) -> dict
         for i, (batch, x_TD) in enumerate(zip(batches, hidden, strict=True)):
             if batch.hidden_TD is None:
                 batch = dataclasses.replace(batch, hidden_TD=x_TD.float())
-            clock = _Clock(device)
-            sync(device)
-            t0 = time.perf_counter()
-            with clock("route"):
-                plan = router.route(batch)
-            with clock("permute"):
-                d = plan_dispatch(plan)
-                out = outgoing(d, sh)
-                x_send = send_rows(x_TD, d, out)
-            with clock("wait_dispatch"):
-                _barrier(device)
-            with clock("a2a_dispatch"):
-                recv_counts = torch.empty(world * n_local, dtype=torch.int64, device=device)
-                dist.all_to_all_single(recv_counts, out.counts_P, [n_local] * world, sh.experts_W)
-                inc = incoming(recv_counts.view(world, n_local))
-                x_recv = x_send.new_empty((sum(inc.rows_W), point.hidden))
-                dist.all_to_all_single(x_recv, x_send, inc.rows_W, out.rows_W)
-            with clock("experts"):
-                y_recv = run_local_experts(x_recv, inc, ffn)
-            with clock("wait_combine"):
-                _barrier(device)
-            with clock("a2a_combine"):
-                y_back = y_recv.new_empty((d.num_kept, point.hidden))
-                dist.all_to_all_single(y_back, y_recv, out.rows_W, inc.rows_W)
-            with clock("combine"):
-                out_TD = finish(y_back, d, out)
-            shared_w = plan.extras.get(SHARED_WEIGHT)
-            if shared_w is not None:  # NLLB's dense branch runs locally, as bench.layer does it
-                with clock("shared"):
-                    shared_TD = shared_ffn.forward_compact(x_TD, torch.tensor([point.tokens], device=device))
-                    w_T1 = shared_w.to(device=device, dtype=torch.float32)[:, None]
-                    out_TD = (out_TD.float() + w_T1 * shared_TD.float()).to(dtype)
-            sync(device)
-            clock.times["total"] = time.perf_counter() - t0
+            clock = StageTimer(device, wall=True)  # collectives: what a rank waits
+            total: list[float] = []
+            with stopwatch(device, total):
+                with clock("route"):
+                    plan = router.route(batch)
+                with clock("permute"):
+                    d = plan_dispatch(plan)
+                    out = outgoing(d, sh)
+                    x_send = send_rows(x_TD, d, out)
+                with clock("wait_dispatch"):
+                    _barrier(device)
+                with clock("a2a_dispatch"):
+                    recv_counts = torch.empty(world * n_local, dtype=torch.int64, device=device)
+                    dist.all_to_all_single(recv_counts, out.counts_P, [n_local] * world, sh.experts_W)
+                    inc = incoming(recv_counts.view(world, n_local))
+                    x_recv = x_send.new_empty((sum(inc.rows_W), point.hidden))
+                    dist.all_to_all_single(x_recv, x_send, inc.rows_W, out.rows_W)
+                with clock("experts"):
+                    y_recv = run_local_experts(x_recv, inc, ffn)
+                with clock("wait_combine"):
+                    _barrier(device)
+                with clock("a2a_combine"):
+                    y_back = y_recv.new_empty((d.num_kept, point.hidden))
+                    dist.all_to_all_single(y_back, y_recv, out.rows_W, inc.rows_W)
+                with clock("combine"):
+                    out_TD = finish(y_back, d, out)
+                shared_w = plan.extras.get(SHARED_WEIGHT)
+                if shared_w is not None:  # NLLB's dense branch runs locally, as bench.layer does it
+                    with clock("shared"):
+                        out_TD = add_shared_branch(out_TD, x_TD, shared_ffn, shared_w)
+            clock.times["total"] = total[0]
             router.update(plan)
             if ep.dump_dir is not None:
                 outputs.append(out_TD.float().cpu())

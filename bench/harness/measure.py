@@ -13,12 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import statistics
-import threading
-import time
 from collections import defaultdict
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -29,123 +24,39 @@ from moe_routing_bench.bench.metrics import METRICS, aggregate, batch_metrics
 from moe_routing_bench.bench.moe_layer import layer_forward
 from moe_routing_bench.bench.record import STAGES
 from moe_routing_bench.bench.routing import wants_fit
-from moe_routing_bench.bench.timing import resolve_device, sync
-from moe_routing_bench.bench.workload_adapter import make_workload
+from moe_routing_bench.bench.timing import (
+    RssSampler,
+    StageTimer,
+    copy_seconds,
+    dtype_of,
+    quantiles,
+    resolve_device,
+    stopwatch,
+)
 from moe_routing_bench.kernels.dispatch import analytic_buffer_bytes, make_dispatch
 from moe_routing_bench.kernels.experts import ExpertFFN, expert_flops
 from moe_routing_bench.routers.contract import Batch
 from moe_routing_bench.routers.registry import build_router
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class StageTimer:
-    """Accumulates time per stage name for one step; CUDA events on GPU, perf_counter on CPU."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.times: dict[str, float] = defaultdict(float)
-        self._events: list[tuple[str, Any, Any]] = []
-
-    @contextmanager
-    def __call__(self, stage: str):
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-            self._events.append((stage, start, end))
-        else:
-            t0 = time.perf_counter()
-            yield
-            self.times[stage] += time.perf_counter() - t0
-
-    def collect(self) -> dict[str, float]:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            for stage, start, end in self._events:
-                self.times[stage] += start.elapsed_time(end) / 1e3
-            self._events.clear()
-        return dict(self.times)
-
-
-class RssSampler:
-    """Peak resident set size of this process, sampled every ``interval`` seconds in a thread."""
-
-    def __init__(self, interval: float = 0.0005) -> None:
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def rss(self) -> int:
-        with open("/proc/self/statm") as fh:
-            return int(fh.read().split()[1]) * self._page
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self.rss())
-            time.sleep(self.interval)
-
-    def __enter__(self) -> RssSampler:
-        self.base = self.rss()
-        self.peak = self.base
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-
-def quantiles(values: list[float]) -> tuple[float, float, float]:
-    if not values:
-        return math.nan, math.nan, math.nan
-    vs = sorted(values)
-    q = lambda p: vs[min(len(vs) - 1, max(0, round(p * (len(vs) - 1))))]
-    return statistics.median(vs), q(0.2), q(0.8)
-
-
-def _copy_seconds(numel: int, dtype: torch.dtype, device: torch.device, repeats: int) -> float:
-    src = torch.randn(max(numel, 1), device=device).to(dtype)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(repeats + 2):
-        sync(device)
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from moe_routing_bench.workloads.registry import build_workload
 
 
 def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Run one configuration; returns (row fields, {"loads": per-expert load rows, "breakdown":
     drops by token-frequency and position bucket}). Raises on failure."""
     device = resolve_device(point.device)
-    dtype = _DTYPES[point.dtype]
+    dtype = dtype_of(point.dtype)
     torch.manual_seed(point.seed)
     router = build_router(point.router, **point.router_options())
-    workload = make_workload(point.workload, point.workload_opts, point.seed)
+    workload = build_workload(point.workload, point.workload_opts, point.seed)
     n_batches = point.warmup + point.repeats
     batches = list(workload.batches(point.tokens, point.experts, n_batches, device))
     fit_sample = workload.fit_sample(point.tokens, point.experts, device) if wants_fit(router) else None
     if fit_sample is not None:
         router.fit(fit_sample)
-    ffn = ExpertFFN(
-        point.experts, point.hidden, ffn_ratio=point.ffn_ratio, seed=point.seed, dtype=dtype, device=device
-    )
-    shared_ffn = ExpertFFN(
-        1, point.hidden, ffn_ratio=point.ffn_ratio, seed=point.seed + 1, dtype=dtype, device=device
-    )
+    ffn = ExpertFFN(point.experts, point.hidden, ffn_ratio=point.ffn_ratio, seed=point.seed, dtype=dtype, device=device)
+    shared_ffn = ExpertFFN(1, point.hidden, ffn_ratio=point.ffn_ratio, seed=point.seed + 1, dtype=dtype, device=device)
     gen = torch.Generator().manual_seed(point.seed + 7)
-    hidden = [
-        torch.randn(point.tokens, point.hidden, generator=gen).to(device=device, dtype=dtype) for _ in batches
-    ]
+    hidden = [torch.randn(point.tokens, point.hidden, generator=gen).to(device=device, dtype=dtype) for _ in batches]
     # The layer's input is the batch's hidden states, so a router with its own gate (nllb) reads
     # what the experts compute on, in the timed pass and in the breakdown pass alike.
     batches = [
@@ -168,9 +79,8 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
         if backward:
             batch = dataclasses.replace(batch, logits_TE=batch.logits_TE.detach().requires_grad_(True))
             x_TD = x_TD.detach().requires_grad_(True)
-        sync(device)
-        t0 = time.perf_counter()
-        with torch.set_grad_enabled(backward):
+        total: list[float] = []
+        with stopwatch(device, total), torch.set_grad_enabled(backward):
             with timer("route"):
                 plan = router.route(batch)
             out_TD = layer_forward(
@@ -180,10 +90,8 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
                 grad = torch.ones_like(out_TD) / out_TD.numel()
                 with timer("backward"):
                     out_TD.backward(grad)
-        sync(device)
-        total = time.perf_counter() - t0
         times = timer.collect()
-        times["total"] = total
+        times["total"] = total[0]
         return times, plan
 
     # Memory is sampled from before the first warm-up step: the allocator keeps what warm-up
@@ -220,11 +128,7 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
     finally:
         if not is_cuda:
             sampler_ctx.__exit__(None, None, None)
-    peak = (
-        torch.cuda.max_memory_allocated(device) - base_mem
-        if is_cuda
-        else float(sampler_ctx.peak - sampler_ctx.base)
-    )
+    peak = torch.cuda.max_memory_allocated(device) - base_mem if is_cuda else float(sampler_ctx.peak - sampler_ctx.base)
 
     plan = info["plan"]
     with torch.no_grad():
@@ -242,7 +146,7 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
     rows_out = n_kept if used_layout == "compact" else point.experts * d.padded_capacity
     permute_bytes = (n_kept + rows_out) * point.hidden * elt
     combine_bytes = (n_kept + point.tokens) * point.hidden * elt + 4 * n_kept
-    copy_s = _copy_seconds(rows_out * point.hidden, dtype, device, max(3, point.repeats))
+    copy_s = copy_seconds(rows_out * point.hidden, dtype, device, max(3, point.repeats))
     copy_gbps = 2 * rows_out * point.hidden * elt / copy_s / 1e9
 
     row: dict[str, Any] = {
@@ -254,9 +158,7 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
         "peak_mem_bytes": float(peak),
         "mem_kind": "cuda_max_allocated" if is_cuda else "rss_sampled",
         "dispatch_buffer_bytes": float(
-            analytic_buffer_bytes(
-                d, point.hidden, dtype, "einsum" if point.backend == "einsum" else used_layout
-            )
+            analytic_buffer_bytes(d, point.hidden, dtype, "einsum" if point.backend == "einsum" else used_layout)
         ),
         "kept_rows": float(n_kept),
         "permute_bytes": float(permute_bytes),
@@ -276,9 +178,7 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
     row["combine_gbps"] = combine_bytes / t_comb / 1e9 if t_comb > 0 else math.nan
     row["permute_copy_ratio"] = row["permute_gbps"] / copy_gbps
     row["combine_copy_ratio"] = row["combine_gbps"] / copy_gbps
-    row["expert_tflops"] = (
-        expert_flops(rows_out, point.hidden, ffn.ffn) / t_exp / 1e12 if t_exp > 0 else math.nan
-    )
+    row["expert_tflops"] = expert_flops(rows_out, point.hidden, ffn.ffn) / t_exp / 1e12 if t_exp > 0 else math.nan
     for key, (mean, se) in aggregate(per_batch).items():
         row[key] = mean
         row[f"{key}_se"] = se

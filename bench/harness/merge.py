@@ -1,45 +1,54 @@
-"""``moe-bench merge``: join run directories (shards of one sweep, or resumed pieces) into one run."""
+"""Merging run directories (the shards of one sweep, or resumed pieces) into one run.
+
+The merged run holds each configuration once, its ``run_id`` rewritten; it is ``complete`` only
+when every configuration of the sweep is present (the sweep is expanded again from the blocks the
+shards recorded), and otherwise ``incomplete``, listing what is missing.
+"""
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 
-import click
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moe_routing_bench.bench.record import ROW_SCHEMA, TABLES, RunDir, atomic_write_table
+from moe_routing_bench.bench.harness.sweep import expand
+from moe_routing_bench.bench.record import ROW_SCHEMA, TABLES, RunDir, atomic_write_table, now
+from moe_routing_bench.kernels.layer import list_backends
 from moe_routing_bench.routers.contract import RoutingError
+from moe_routing_bench.workloads.registry import load_plugin, workload_names
 
 
-def merge_runs(sources: list[Path], out_root: Path, allow_different: bool = False) -> RunDir:
-    """A new run whose rows are every source's rows, with run_id rewritten to the merged run's.
+def merge_runs(sources: list[Path], out_root: Path, allow_different: bool = False) -> tuple[RunDir, list[str]]:
+    """A new run whose rows are every source's rows; returns it and the sweep's missing config ids.
 
     Shards must come from the same sweep (same blocks) unless ``allow_different``. A config id
     found in two sources is refused: the merged run must hold each configuration once.
     """
     if not sources:
         raise RoutingError("merge needs at least one run directory")
-    runs = [RunDir.open(p) for p in sources]
+    runs = [RunDir.open(p, flag="merge") for p in sources]
     metas = [r.read_meta() for r in runs]
     if not allow_different and any(m.get("blocks") != metas[0].get("blocks") for m in metas[1:]):
         raise RoutingError(
-            "the runs come from different sweeps (meta.json blocks differ); pass --allow-different"
+            "merge: the runs come from different sweeps (meta.json blocks differ); pass --allow-different"
         )
     owner: dict[str, Path] = {}
     for run in runs:
         for cid in run.finished():
             if cid in owner:
-                raise RoutingError(f"configuration {cid} is in both {owner[cid]} and {run.path}")
+                raise RoutingError(f"merge: configuration {cid} is in both {owner[cid]} and {run.path}")
             owner[cid] = run.path
-    out_root.mkdir(parents=True, exist_ok=True)
+    expected = _sweep_ids(metas)
+    missing = sorted(set(expected) - set(owner)) if expected is not None else []
     merged = RunDir.create(out_root)
     for run in runs:
         # rows, loads, breakdown, and any other per-config table a command wrote (ep_ranks).
         known = {"rows": ROW_SCHEMA, **TABLES}
         for folder in sorted(p for p in run.path.iterdir() if p.is_dir() and any(p.glob("*.parquet"))):
             for part in sorted(folder.glob("*.parquet")):
+                if part.stem not in owner:
+                    continue  # a stray file, or a part set aside: not this sweep's
                 table = pq.read_table(part, schema=known.get(folder.name))
                 if "run_id" in table.schema.names:
                     ids = pa.array([merged.run_id] * table.num_rows, pa.string())
@@ -49,27 +58,28 @@ def merge_runs(sources: list[Path], out_root: Path, allow_different: bool = Fals
     meta = dict(metas[0])
     meta.update(
         run_id=merged.run_id,
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        created=now(),
         merged_from=[str(r.path) for r in runs],
         merged_status=[m.get("status") for m in metas],
         shard=None,
         configurations=len(owner),
-        status="complete" if all(m.get("status") == "complete" for m in metas) else "partial",
+        config_ids=sorted(owner) if expected is None else expected,
+        status="complete" if not missing else "incomplete",
+        missing=missing,
         plugins=sorted({p for m in metas for p in m.get("plugins", [])}),
     )
     merged.write_meta(meta)
-    merged.consolidate()
-    return merged
+    merged.consolidate(set(owner))
+    return merged, missing
 
 
-@click.command("merge")
-@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("results"), show_default=True)
-@click.option("--allow-different", is_flag=True, help="Merge runs of different sweeps.")
-def merge_cmd(runs: tuple[Path, ...], out_dir: Path, allow_different: bool) -> None:
-    """Join run directories (e.g. the shards of one sweep) into one run for reporting."""
-    merged = merge_runs(list(runs), out_dir, allow_different)
-    meta = merged.read_meta()
-    click.echo(
-        f"{merged.path}: {meta['configurations']} configurations from {len(runs)} runs ({meta['status']})"
-    )
+def _sweep_ids(metas: list[dict]) -> list[str] | None:
+    """Every config id of the sweep the shards come from, or None when they do not say (runs of
+    different sweeps, or without blocks)."""
+    blocks = metas[0].get("blocks")
+    if not isinstance(blocks, list) or any(m.get("blocks") != blocks for m in metas[1:]):
+        return None
+    for plugin in metas[0].get("plugin_paths", []):
+        if Path(plugin).is_file():
+            load_plugin(plugin)
+    return [p.config_id for p in expand(blocks, workload_names(), list_backends())]

@@ -16,9 +16,7 @@ from moe_routing_bench.bench.harness.sweep import Point
 from moe_routing_bench.routers.contract import RoutingError
 
 
-def _measure_remote(
-    point: Point, plugins: list[str]
-) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
+def _measure_remote(point: Point, plugins: list[str]) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
     """Body of the Ray task: load the run's plugins in the worker, then measure one point."""
     from moe_routing_bench.routers.registry import load_plugin, loaded_plugins
 
@@ -60,9 +58,7 @@ class RayExecutor:
         resources = {"num_gpus": 1} if gpus >= 1 else {"num_cpus": 1}
         self._task = ray.remote(max_retries=0, **resources)(_measure_remote)
 
-    def results(
-        self, points: list[Point]
-    ) -> Iterator[tuple[Point, str, dict[str, Any], dict[str, Any], str]]:
+    def results(self, points: list[Point]) -> Iterator[tuple[Point, str, dict[str, Any], dict[str, Any], str]]:
         """Yields (point, status, row fields, tables, error) as configurations finish."""
         ray = self.ray
         pending = {self._task.remote(p, self.plugins): p for p in points}

@@ -3,37 +3,52 @@
 A sweep file has a ``[defaults]`` table and one or more ``[[sweep]]`` blocks; each block is merged
 over the defaults and expanded as a cartesian product. Keys (lists sweep, scalars fix):
 
-    routers          names, or {name = "...", opts = {...}, label = "...", capacity = true}
-    workloads        names, or {name = "...", opts = {...}, label = "..."}
+    routers          specs ("topk", "topk[top_k=4]") or tables {name = "...", opts = {...}, label = "..."}
+    workloads        the same, for workloads ("text[lang=de]")
     tokens, experts, hidden, top_k, capacity_factor, backends, dtypes, modes, layouts
     repeats, warmup, seed, ffn_ratio, device
 
-``capacity_factor`` applies to routers that have one (their default is not dropless) and to any
-router entry with ``capacity = true``; the others run once at their own default. ``top_k`` applies
-to routers that accept it; a router that accepts none of the listed values runs at its default.
-Command-line flags replace the matching key in every block.
+``capacity_factor`` lists the forms a block wants: numbers, ``"none"`` (dropless) and
+``"default"`` (each router's own, what a block that says nothing gets). It means what
+``--capacity-factor`` means everywhere (``bench.spec``): it applies to every router that has a
+capacity, ``topk`` included, and a router without one (``dense``) runs once, said once. ``top_k``
+applies to routers whose K is free; a router with a fixed K keeps it (said once), a K one router
+cannot take is skipped for it (said once), and a K (or capacity factor) no router of the block
+can take is refused. Command-line flags replace the matching key in every block.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import tomllib
 
+from moe_routing_bench.bench.record import config_id_of
+from moe_routing_bench.bench.spec import (
+    Notes,
+    Spec,
+    parse_capacity_factors,
+    router_options,
+    spec_from_entry,
+)
+from moe_routing_bench.bench.timing import DTYPES
 from moe_routing_bench.routers.contract import RoutingError
 from moe_routing_bench.routers.registry import build_router, get_router_class
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-DTYPES = ("float32", "float16", "bfloat16")
 MODES = ("fwd", "fwd+bwd")
+LAYOUTS = ("default", "compact", "padded")
 
-_LIST_KEYS = (
+# The keys of a block; the command line's flags that set them (--routers, --top-k, ...) are what
+# --resume refuses, since they would change the sweep (harness.runner).
+LIST_KEYS = (
     "routers",
     "workloads",
     "tokens",
@@ -46,7 +61,7 @@ _LIST_KEYS = (
     "modes",
     "layouts",
 )
-_SCALAR_KEYS = ("repeats", "warmup", "seed", "ffn_ratio", "device", "description")
+SCALAR_KEYS = ("repeats", "warmup", "seed", "ffn_ratio", "device", "description")
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "routers": ["switch"],
     "workloads": ["uniform"],
@@ -54,7 +69,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "experts": [8],
     "hidden": [128],
     "top_k": [],
-    "capacity_factor": [1.25],
+    "capacity_factor": ["default"],
     "backends": ["torch"],
     "dtypes": ["float32"],
     "modes": ["fwd"],
@@ -69,7 +84,12 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class Point:
-    """One configuration: router x workload x size x backend x dtype x mode."""
+    """One configuration: router x workload x size x backend x dtype x mode.
+
+    router_opts: every option the router is built with besides num_experts and seed (the shared
+    K and capacity factor included, as applied). top_k / capacity_factor: what the router really
+    runs with (capacity_factor None: dropless, or a router without capacity).
+    """
 
     router: str
     router_label: str
@@ -81,7 +101,7 @@ class Point:
     experts: int
     hidden: int
     top_k: int | None
-    capacity_factor: float | None  # None: the router's own default (maybe dropless)
+    capacity_factor: float | None
     backend: str
     layout: str
     dtype: str
@@ -101,15 +121,30 @@ class Point:
     @property
     def config_id(self) -> str:
         """Stable across runs and processes: what --resume matches on."""
-        return hashlib.sha1(self.to_json().encode()).hexdigest()[:16]
+        return config_id_of(self.to_json())
 
     def router_options(self) -> dict[str, Any]:
-        opts: dict[str, Any] = {"num_experts": self.experts, "seed": self.seed, **self.router_opts}
-        if self.top_k is not None:
-            opts["top_k"] = self.top_k
-        if self.capacity_factor is not None:
-            opts["capacity_factor"] = self.capacity_factor
-        return opts
+        return {"num_experts": self.experts, "seed": self.seed, **self.router_opts}
+
+    def columns(self) -> dict[str, Any]:
+        """The configuration columns of the sweep's row schema (after the run header)."""
+        return {
+            "router": self.router_label,
+            "router_name": self.router,
+            "workload": self.workload_label,
+            "workload_name": self.workload,
+            "tokens": self.tokens,
+            "experts": self.experts,
+            "top_k": float(self.top_k) if self.top_k is not None else math.nan,
+            "capacity_factor": self.capacity_factor if self.capacity_factor is not None else math.nan,
+            "hidden": self.hidden,
+            "backend": self.backend,
+            "backend_ran": self.backend,
+            "layout": self.layout,
+            "dtype": self.dtype,
+            "mode": self.mode,
+            "repeats": self.repeats,
+        }
 
 
 def find_config(name_or_path: str) -> Path:
@@ -134,130 +169,135 @@ def load_blocks(path: Path | None, overrides: dict[str, Any]) -> list[dict[str, 
             raise RoutingError(f"--config {path}: not valid TOML: {exc}") from None
     unknown = set(raw) - {"defaults", "sweep", "description"}
     if unknown:
-        raise RoutingError(
-            f"--config {path}: unknown top-level keys {sorted(unknown)}; allowed: defaults, sweep"
-        )
+        raise RoutingError(f"--config {path}: unknown top-level keys {sorted(unknown)}; allowed: defaults, sweep")
     defaults = {**BUILTIN_DEFAULTS, **raw.get("defaults", {})}
     blocks = raw.get("sweep") or [{}]
     out = []
     for block in blocks:
         merged = {**defaults, **block, **{k: v for k, v in overrides.items() if v is not None}}
-        bad = set(merged) - set(_LIST_KEYS) - set(_SCALAR_KEYS)
+        bad = set(merged) - set(LIST_KEYS) - set(SCALAR_KEYS)
         if bad:
-            allowed = ", ".join(_LIST_KEYS + _SCALAR_KEYS)
+            allowed = ", ".join(LIST_KEYS + SCALAR_KEYS)
             raise RoutingError(f"unknown sweep keys {sorted(bad)}; allowed: {allowed}")
-        for key in _LIST_KEYS:
+        for key in LIST_KEYS:
             if not isinstance(merged[key], list):
                 merged[key] = [merged[key]]
         out.append(merged)
     return out
 
 
-def _entry(item: Any, kind: str) -> tuple[str, dict[str, Any], str, bool]:
-    """(name, opts, label, sweep capacity) from a name or a {name, opts, label, capacity} table."""
-    if isinstance(item, str):
-        return item, {}, item, False
-    if isinstance(item, dict) and isinstance(item.get("name"), str):
-        opts = dict(item.get("opts", {}))
-        label = item.get("label") or (
-            item["name"] + ("[" + ",".join(f"{k}={v}" for k, v in sorted(opts.items())) + "]" if opts else "")
-        )
-        return item["name"], opts, label, bool(item.get("capacity", False))
-    raise RoutingError(f"{kind} entries must be names or tables with a name (got {item!r})")
+def _check_block(block: dict[str, Any], workload_names: list[str], backend_names: list[str]) -> None:
+    for key, flag, allowed in (
+        ("backends", "--backend", backend_names),
+        ("dtypes", "--dtype", list(DTYPES)),
+        ("modes", "--mode", list(MODES)),
+        ("layouts", "layouts", list(LAYOUTS)),
+    ):
+        for v in block[key]:
+            if v not in allowed:
+                raise RoutingError(f"{flag} must be one of {', '.join(allowed)} (got {v!r})")
+    for key in ("tokens", "experts", "hidden", "top_k"):
+        for v in block[key]:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RoutingError(f"--{key.replace('_', '-')} values must be integers >= 1 (got {v!r})")
+    if not isinstance(block["repeats"], int) or block["repeats"] < 1:
+        raise RoutingError(f"--repeats must be an integer >= 1 (got {block['repeats']!r})")
 
 
-def _has_capacity(name: str) -> bool:
-    """A router 'has' a capacity factor when its default config is not dropless."""
-    cls = get_router_class(name)
-    default = {f.name: f.default for f in dataclasses.fields(cls.config_cls)}.get("capacity_factor")
-    return default is not None
-
-
-def expand(blocks: list[dict[str, Any]], workload_names: list[str], backend_names: list[str]) -> list[Point]:
-    """Every configuration point, validated: unknown names are refused before any work starts."""
+def expand(
+    blocks: list[dict[str, Any]],
+    workload_names: list[str],
+    backend_names: list[str],
+    notes: Notes | None = None,
+) -> list[Point]:
+    """Every configuration point, validated: unknown names and options are refused before any
+    work starts; what a router ignores or cannot take is said once through ``notes``."""
+    notes = notes if notes is not None else Notes()
     points: list[Point] = []
     seen: set[str] = set()
     for block in blocks:
-        routers = [_entry(r, "routers") for r in block["routers"]]
-        workloads = [_entry(w, "workloads") for w in block["workloads"]]
-        for name, _, _, _ in routers:
-            get_router_class(name)  # raises with the list of valid routers
-        for name, _, _, _ in workloads:
-            if name not in workload_names:
-                raise RoutingError(f"unknown workload {name!r}; valid workloads: {', '.join(workload_names)}")
-        for b in block["backends"]:
-            if b not in backend_names:
-                raise RoutingError(f"unknown backend {b!r}; valid backends: {', '.join(backend_names)}")
-        for dt in block["dtypes"]:
-            if dt not in DTYPES:
-                raise RoutingError(f"--dtype must be one of {', '.join(DTYPES)} (got {dt!r})")
-        for mode in block["modes"]:
-            if mode not in MODES:
-                raise RoutingError(f"--mode must be one of {', '.join(MODES)} (got {mode!r})")
-        for key in ("tokens", "experts", "hidden"):
-            for v in block[key]:
-                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                    raise RoutingError(f"--{key} values must be integers >= 1 (got {v!r})")
-        for key in ("repeats",):
-            if not isinstance(block[key], int) or block[key] < 1:
-                raise RoutingError(f"--{key} must be an integer >= 1 (got {block[key]!r})")
-        for (rname, ropts, rlabel, rcap), (wname, wopts, wlabel) in itertools.product(
-            routers, [(w[0], w[1], w[2]) for w in workloads]
-        ):
-            cfs: list[float | None] = (
-                list(block["capacity_factor"]) if (rcap or _has_capacity(rname)) else [None]
-            )
-            cfs = cfs or [None]
-            for e, t, d, cf, backend, dtype, mode, layout in itertools.product(
-                block["experts"],
-                block["tokens"],
-                block["hidden"],
-                cfs,
-                block["backends"],
-                block["dtypes"],
-                block["modes"],
-                block["layouts"],
-            ):
-                for k in _top_ks(rname, ropts, block["top_k"], e, block["seed"]):
-                    p = Point(
-                        router=rname,
-                        router_label=rlabel,
-                        router_opts=ropts,
-                        workload=wname,
-                        workload_label=wlabel,
-                        workload_opts=wopts,
-                        tokens=t,
-                        experts=e,
-                        hidden=d,
-                        top_k=k,
-                        capacity_factor=None if cf is None else float(cf),
-                        backend=backend,
-                        layout=layout,
-                        dtype=dtype,
-                        mode=mode,
-                        repeats=block["repeats"],
-                        warmup=block["warmup"],
-                        seed=block["seed"],
-                        ffn_ratio=float(block["ffn_ratio"]),
-                        device=block["device"],
-                    )
-                    build_router(rname, **p.router_options())  # a bad option is refused now
+        _check_block(block, workload_names, backend_names)
+        routers = [spec_from_entry(r, "routers") for r in block["routers"]]
+        workloads = [spec_from_entry(w, "workloads") for w in block["workloads"]]
+        for spec in routers:
+            get_router_class(spec.name)  # raises with the list of valid routers
+        for spec in workloads:
+            if spec.name not in workload_names:
+                raise RoutingError(f"unknown workload {spec.name!r}; valid workloads: {', '.join(workload_names)}")
+        cfs = parse_capacity_factors(block["capacity_factor"])
+        ks: list[int | None] = list(block["top_k"]) or [None]
+        taken: set[tuple[str, Any]] = set()
+        for rspec, wspec, e in itertools.product(routers, workloads, block["experts"]):
+            build_router(rspec.name, **router_options(rspec, experts=e, seed=block["seed"]))  # its own options
+            for cf, k in itertools.product(cfs, ks):
+                opts = _applied(rspec, e, block["seed"], k, cf, notes)
+                if opts is None:
+                    continue
+                taken.update({("capacity_factor", cf), ("top_k", k)})
+                router = build_router(rspec.name, **opts)
+                for t, d, backend, dtype, mode, layout in itertools.product(
+                    block["tokens"],
+                    block["hidden"],
+                    block["backends"],
+                    block["dtypes"],
+                    block["modes"],
+                    block["layouts"],
+                ):
+                    p = _point(rspec, wspec, router, opts, t, e, d, backend, layout, dtype, mode, block)
                     if p.config_id not in seen:
                         seen.add(p.config_id)
                         points.append(dataclasses.replace(p, index=len(points)))
+        for key, values in (("capacity_factor", cfs), ("top_k", [k for k in ks if k is not None])):
+            for v in values:
+                if (key, v) not in taken:
+                    names = ", ".join(s.label for s in routers)
+                    shown = "none" if v is None else v
+                    raise RoutingError(f"no router of the sweep ({names}) can take {key} = {shown}")
     if not points:
         raise RoutingError("the sweep has no configurations")
     return points
 
 
-def _top_ks(name: str, opts: dict[str, Any], ks: list[int], experts: int, seed: int) -> list[int | None]:
-    if not ks or "top_k" in opts:
-        return [None]
-    accepted = []
-    for k in ks:
-        try:
-            build_router(name, num_experts=experts, seed=seed, top_k=k, **opts)
-            accepted.append(k)
-        except RoutingError:
-            continue
-    return accepted or [None]
+def _applied(spec: Spec, experts: int, seed: int, k: int | None, cf: Any, notes: Notes) -> dict | None:
+    """The router's options with the shared K and capacity factor applied, or None (said once)
+    when the router cannot take this combination (a K above its limit, dropless expert choice)."""
+    opts = router_options(spec, experts=experts, seed=seed, top_k=k, capacity_factor=cf, notes=notes)
+    try:
+        build_router(spec.name, **opts)
+    except RoutingError as exc:
+        what = ", ".join(f"{n}={v}" for n, v in (("top_k", k), ("capacity_factor", cf)) if v is not None)
+        notes.once(f"{spec.label} cannot take {what} at E={experts}, skipped: {exc}")
+        return None
+    return opts
+
+
+def _point(rspec, wspec, router, opts, t, e, d, backend, layout, dtype, mode, block) -> Point:
+    # The options as the config parsed them ("none" -> None, "2" -> 2): one id per configuration.
+    own = {k: _plain(getattr(router.config, k)) for k in opts if k not in ("num_experts", "seed")}
+    cf = router.config.capacity_factor
+    return Point(
+        router=rspec.name,
+        router_label=rspec.label,
+        router_opts=own,
+        workload=wspec.name,
+        workload_label=wspec.label,
+        workload_opts=wspec.opts,
+        tokens=t,
+        experts=e,
+        hidden=d,
+        top_k=int(router.config.top_k),
+        capacity_factor=None if cf is None else float(cf),
+        backend=backend,
+        layout=layout,
+        dtype=dtype,
+        mode=mode,
+        repeats=block["repeats"],
+        warmup=block["warmup"],
+        seed=block["seed"],
+        ffn_ratio=float(block["ffn_ratio"]),
+        device=block["device"],
+    )
+
+
+def _plain(value: Any) -> Any:
+    return float(value) if isinstance(value, Fraction) else value

@@ -4,7 +4,7 @@
 
 Not collected by ``make test`` (it lives outside tests/ and is not named test_*). Declared as
 data: ``CASE`` per device, ``OPS`` x ``PROVIDERS``; every callable and its byte count come from
-``bench.kernel_bench`` (setup + make_fn + bytes_moved), the same code the GPU check times.
+``bench.microbench.kernel_cases`` (setup + make_fn + bytes_moved), the same code the GPU check times.
 
 Providers: ``torch`` (the CPU fast path and the reference), ``triton`` (CUDA only: on a CPU it
 runs only interpreted, which measures numpy), and ``copy``, a plain device copy moving the same
@@ -16,12 +16,12 @@ interleaved round by round so that a shared machine's drifting load hits both si
 from __future__ import annotations
 
 import statistics
-import time
 
 import pytest
 import torch
 
 from moe_routing_bench.bench.microbench.kernel_cases import Case, bytes_moved, copy_fn, make_fn, setup
+from moe_routing_bench.bench.timing import sync, time_alternating
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # CPU: the goal's shape (T = 16384, D = 1024, float32; top-2 of 64 experts). GPU: the same in bf16.
@@ -44,11 +44,6 @@ def _setup(layout: str):
     return _SETUPS[layout]
 
 
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("op, layout", OPS, ids=[f"{o}-{la}" for o, la in OPS])
 def test_dispatch_op(benchmark, op, layout, provider):
@@ -58,7 +53,7 @@ def test_dispatch_op(benchmark, op, layout, provider):
 
     def run():
         fn()
-        _sync()
+        sync(DEVICE)
 
     benchmark.group = f"{op}-{layout}"
     benchmark.extra_info.update(
@@ -78,17 +73,7 @@ def test_dispatch_op(benchmark, op, layout, provider):
 def _interleaved_medians(fns: dict[str, object], rounds: int = 15) -> dict[str, float]:
     """Median seconds of each callable, timed in turn round after round: a machine whose load
     drifts (other jobs on a shared CPU) then shifts every provider alike."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-        _sync()
-    for _ in range(rounds):
-        for key, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            _sync()
-            times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: statistics.median(v) for k, v in time_alternating(fns, DEVICE, rounds).items()}
 
 
 def test_permute_plus_combine_vs_copy(request):

@@ -115,27 +115,12 @@ def _run_gpu_tests(out: Path, dry: bool) -> str:
 
 
 def _timer(device):
-    """(median, p20, p80) seconds of fn: do_bench (CUDA events) on a GPU, a wall clock on CPU."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
+    """(median, p20, p80) seconds of fn over repeats after warm-up (``bench.timing``: CUDA events
+    on a GPU, a synchronised wall clock on CPU); few repeats in the CPU rehearsal."""
+    from moe_routing_bench.bench.timing import quantiles, time_calls
 
-        def cuda_time(fn):
-            ms = do_bench(fn, warmup=5, rep=25, quantiles=[0.5, 0.2, 0.8])
-            return tuple(v / 1e3 for v in ms)
-
-        return cuda_time
-
-    def cpu_time(fn):
-        fn()
-        times = []
-        for _ in range(2):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        times.sort()
-        return statistics.median(times), times[0], times[-1]
-
-    return cpu_time
+    repeats, warmup = (25, 5) if device.type == "cuda" else (2, 1)
+    return lambda fn: quantiles(time_calls(fn, device, repeats, warmup))
 
 
 def _cases(dry: bool, layouts: list[str]):
@@ -183,9 +168,7 @@ def benchmark(device, dry: bool, layouts: list[str], deadline: float, env: dict)
             ops.insert(0, ("positions", "fwd"))
         reason = "time budget spent" if time.perf_counter() > deadline else _fits(case, device)
         if reason:
-            rows += [
-                {**base, "op": o, "direction": di, "status": "skipped", "error": reason} for o, di in ops
-            ]
+            rows += [{**base, "op": o, "direction": di, "status": "skipped", "error": reason} for o, di in ops]
             continue
         try:
             s = setup(case, device)

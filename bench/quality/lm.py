@@ -140,9 +140,7 @@ class MoEFFN(nn.Module):
             _normal_(self.gate.weight[e:], d**-0.5, cfg.seed, f"gate-extra.{index}")
         self.experts = ExpertFFN(e, d, cfg.ffn_ratio, seed=derived_seed(cfg.seed, f"experts.{index}"))
         self.shared = (
-            ExpertFFN(1, d, cfg.ffn_ratio, seed=derived_seed(cfg.seed, f"shared.{index}"))
-            if shape.shared
-            else None
+            ExpertFFN(1, d, cfg.ffn_ratio, seed=derived_seed(cfg.seed, f"shared.{index}")) if shape.shared else None
         )
 
     def forward(
@@ -192,9 +190,7 @@ class TinyMoELM(nn.Module):
     backend: the dispatch backend (``torch`` works everywhere and has autograd).
     """
 
-    def __init__(
-        self, cfg: LMConfig, routers: list[Router], shape: GateShape, backend: str = "torch"
-    ) -> None:
+    def __init__(self, cfg: LMConfig, routers: list[Router], shape: GateShape, backend: str = "torch") -> None:
         super().__init__()
         if len(routers) != cfg.layers:
             raise ValueError(f"routers must hold one router per layer ({cfg.layers}; got {len(routers)})")

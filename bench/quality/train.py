@@ -26,9 +26,8 @@ Shape letters: B sequences per step, S positions, T = B * S tokens, E experts, V
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,8 +37,9 @@ import torch.nn.functional as F
 from moe_routing_bench.bench.metrics import batch_metrics
 from moe_routing_bench.bench.quality.lm import GateShape, LMConfig, TinyMoELM, aux_loss_mean, probe_router
 from moe_routing_bench.bench.routing import wants_fit
-from moe_routing_bench.bench.timing import sync
-from moe_routing_bench.routers.contract import Batch, Router, RoutingError
+from moe_routing_bench.bench.spec import DEFAULT, CapacityFactor, Notes, Spec, parse_specs, router_options
+from moe_routing_bench.bench.timing import stopwatch
+from moe_routing_bench.routers.contract import Batch, Router
 from moe_routing_bench.routers.registry import build_router, get_router_class, router_names
 
 # ``all`` runs every registered router; these also run the named variants (when registered),
@@ -53,54 +53,20 @@ ALL_VARIANTS: dict[str, tuple[tuple[str, dict[str, str]], ...]] = {
     ),
 }
 NOT_CAUSAL = "not causal: a decoder cannot use it at inference"
-DEFAULT = "default"  # capacity_factor / top_k: keep the router's own
 
 
-@dataclass(frozen=True)
-class RouterSpec:
-    """A router name, options (strings, parsed by its config) and the label rows carry."""
-
-    name: str
-    opts: dict[str, str] = field(default_factory=dict)
-    label: str = ""
-
-
-def parse_router_specs(text: str) -> list[RouterSpec]:
-    """``all`` or a comma list of ``name`` / ``name[key=value,key=value]`` (commas inside brackets
-    belong to the options). Unknown names raise, listing the valid ones."""
+def parse_router_specs(text: str) -> list[Spec]:
+    """``all`` (every registered router, with the named variants of ALL_VARIANTS) or a comma list
+    of ``name`` / ``name[key=value,...]``. Unknown names raise, listing the valid ones."""
     if text.strip() == "all":
-        specs = []
-        for name in router_names():
-            for label, opts in ALL_VARIANTS.get(name, ((name, {}),)):
-                specs.append(RouterSpec(name, dict(opts), label))
-        return specs
-    items, depth, cur = [], 0, ""
-    for ch in text:
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            items.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    items.append(cur)
-    specs = []
-    for item in (i.strip() for i in items):
-        if not item:
-            continue
-        name, _, rest = item.partition("[")
-        opts: dict[str, str] = {}
-        if rest:
-            if not rest.endswith("]"):
-                raise RoutingError(f"--routers entry {item!r} must look like name[key=value,...]")
-            for pair in filter(None, (p.strip() for p in rest[:-1].split(","))):
-                key, sep, value = pair.partition("=")
-                if not sep:
-                    raise RoutingError(f"--routers option {pair!r} in {item!r} must look like key=value")
-                opts[key.strip()] = value.strip()
-        get_router_class(name.strip())
-        specs.append(RouterSpec(name.strip(), opts, item))
-    if not specs:
-        raise RoutingError("--routers must name at least one router (or 'all')")
+        return [
+            Spec(name, tuple(opts.items()), label)
+            for name in router_names()
+            for label, opts in ALL_VARIANTS.get(name, ((name, {}),))
+        ]
+    specs = parse_specs(text, "--routers")
+    for s in specs:
+        get_router_class(s.name)
     return specs
 
 
@@ -112,7 +78,7 @@ class QualityConfig:
     steps: int = 300
     experts: int = 8
     top_k: int | str = DEFAULT
-    capacity_factor: float | str | None = DEFAULT
+    capacity_factor: CapacityFactor = DEFAULT
     layers: int = 2
     width: int = 64
     heads: int = 4
@@ -142,9 +108,7 @@ class QualityConfig:
         self.lm_config()  # validates the model sizes
 
     def lm_config(self) -> LMConfig:
-        return LMConfig(
-            self.vocab, self.width, self.layers, self.heads, self.seq_len, self.experts, seed=self.seed
-        )
+        return LMConfig(self.vocab, self.width, self.layers, self.heads, self.seq_len, self.experts, seed=self.seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,28 +203,22 @@ def data_order(num_windows: int, steps: int, batch_seqs: int, seed: int) -> torc
 # --------------------------------------------------------------------------------------------
 
 
-def build_layer_routers(spec: RouterSpec, cfg: QualityConfig) -> tuple[Callable[[int], Router], list[str]]:
+def build_layer_routers(spec: Spec, cfg: QualityConfig) -> tuple[Callable[[int], Router], list[str]]:
     """A factory ``layer -> router`` (seed + layer, so layers draw independently) and notes.
 
-    The global top_k / capacity_factor go to routers that accept them; a router with a fixed K
-    keeps its own (noted). A capacity factor a router refuses is an error (RoutingError)."""
-    notes: list[str] = []
-    opts: dict[str, Any] = {"num_experts": cfg.experts}
-    if cfg.capacity_factor != DEFAULT and "capacity_factor" not in spec.opts:
-        opts["capacity_factor"] = cfg.capacity_factor
-    if cfg.top_k != DEFAULT and "top_k" not in spec.opts:
-        try:
-            build_router(spec.name, **{**opts, "top_k": cfg.top_k, **spec.opts})
-            opts["top_k"] = cfg.top_k
-        except RoutingError as exc:
-            notes.append(f"keeps its own top_k ({exc})")
-    opts.update(spec.opts)
-    build_router(spec.name, **opts, seed=cfg.seed)  # a bad option is refused now, with its reason
-    return (lambda layer: build_router(spec.name, **opts, seed=cfg.seed + layer)), notes
+    The shared top_k / capacity_factor mean what they mean in every command (``bench.spec``): a
+    router with a fixed K keeps its own, a router without capacity ignores the factor (noted)."""
+    notes = Notes()
+    opts = router_options(
+        spec, experts=cfg.experts, seed=cfg.seed, top_k=cfg.top_k, capacity_factor=cfg.capacity_factor, notes=notes
+    )
+    build_router(spec.name, **opts)  # a bad option is refused now, with its reason
+    own = {k: v for k, v in opts.items() if k != "seed"}
+    return (lambda layer: build_router(spec.name, **own, seed=cfg.seed + layer)), notes.said
 
 
 def build_model(
-    spec: RouterSpec, cfg: QualityConfig, data: QualityData, device: torch.device
+    spec: Spec, cfg: QualityConfig, data: QualityData, device: torch.device
 ) -> tuple[TinyMoELM, GateShape, list[str]]:
     """(model on device, gate shape, notes): one router per layer, fitted where it learns from
     data (on the training slice's ids; the logits of that fit batch are zeros: the gate is not
@@ -300,7 +258,7 @@ class TrainResult:
 
 
 def train(
-    spec: RouterSpec,
+    spec: Spec,
     cfg: QualityConfig,
     data: QualityData,
     device: torch.device,
@@ -320,32 +278,29 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr
         win = train_w[order[step].to(device)]
-        sync(device)
-        t0 = time.perf_counter()
-        logits_BSV, plans, _ = model(win[:, :-1])
-        loss = F.cross_entropy(logits_BSV.reshape(-1, cfg.vocab), win[:, 1:].reshape(-1))
-        aux = aux_loss_mean(plans)
-        total = loss if aux is None or cfg.aux_coef == 0 else loss + cfg.aux_coef * aux
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        if not gate_grad:
-            gate_grad = any(g.weight.grad is not None and bool(g.weight.grad.any()) for g in model.gates())
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        with torch.no_grad():
-            for router, plan in zip(model.routers, plans, strict=True):
-                router.update(plan)
-        sync(device)
-        dt = time.perf_counter() - t0
+        step_s: list[float] = []
+        with stopwatch(device, step_s):
+            logits_BSV, plans, _ = model(win[:, :-1])
+            loss = F.cross_entropy(logits_BSV.reshape(-1, cfg.vocab), win[:, 1:].reshape(-1))
+            aux = aux_loss_mean(plans)
+            total = loss if aux is None or cfg.aux_coef == 0 else loss + cfg.aux_coef * aux
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if not gate_grad:
+                gate_grad = any(g.weight.grad is not None and bool(g.weight.grad.any()) for g in model.gates())
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            with torch.no_grad():
+                for router, plan in zip(model.routers, plans, strict=True):
+                    router.update(plan)
+        dt = step_s[0]
         seconds += dt
         loss_v = float(loss.detach())
         if not math.isfinite(loss_v):
             raise FloatingPointError(f"training loss is {loss_v} at step {step}")
         for layer, plan in enumerate(plans):
             metrics, _ = batch_metrics(plan)
-            rows.append(
-                {"step": step, "layer": layer, "loss": loss_v, "lr": lr, "step_seconds": dt, **metrics}
-            )
+            rows.append({"step": step, "layer": layer, "loss": loss_v, "lr": lr, "step_seconds": dt, **metrics})
         if progress and (step + 1) % max(1, cfg.steps // 4) == 0:
             progress(f"{spec.label}: step {step + 1}/{cfg.steps} loss {loss_v:.3f} ({seconds:.1f} s)")
     last = plans[-1]
@@ -386,13 +341,12 @@ def evaluate(
     kept: list[list[torch.Tensor]] = [[] for _ in model.blocks]
     for start in range(0, win.shape[0] - batch_seqs + 1, batch_seqs):
         w = win[start : start + batch_seqs].to(device)
-        sync(device)
-        t0 = time.perf_counter()
-        logits_BSV, plans, router_logits = model(w[:, :-1])
-        target_T = w[:, 1:].reshape(-1)
-        loss_T = F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]), target_T, reduction="none")
-        sync(device)
-        seconds += time.perf_counter() - t0
+        batch_s: list[float] = []
+        with stopwatch(device, batch_s):
+            logits_BSV, plans, router_logits = model(w[:, :-1])
+            target_T = w[:, 1:].reshape(-1)
+            loss_T = F.cross_entropy(logits_BSV.reshape(-1, logits_BSV.shape[-1]), target_T, reduction="none")
+        seconds += batch_s[0]
         in_vocab_T = target_T != oov
         total += float(loss_T.sum())
         total_iv += float(loss_T[in_vocab_T].sum())

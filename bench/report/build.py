@@ -21,23 +21,27 @@ from typing import Any
 import pandas as pd
 
 from moe_routing_bench.bench.metrics import METRICS
-from moe_routing_bench.bench.record import STAGES
-from moe_routing_bench.bench.report import figures_cost as F
+from moe_routing_bench.bench.record import KINDS, STAGES, RunDir
+from moe_routing_bench.bench.report import figures_cost as C
+from moe_routing_bench.bench.report import figures_ep as EP
 from moe_routing_bench.bench.report import figures_routing as R
 from moe_routing_bench.bench.report import html as H
-from moe_routing_bench.bench.report.data import CONFIG_LABELS, WHOLE_BATCH_MARK, ReportData, load_runs
+from moe_routing_bench.bench.report import style as F
+from moe_routing_bench.bench.report.data import CONFIG_LABELS, WHOLE_BATCH_MARK, ReportData, check_run_dir, load_runs
+from moe_routing_bench.bench.report.kinds import build_kind_report
 
 FIGURES: list[Callable[[ReportData], F.FigureOut | F.LeftOut]] = [
-    F.throughput,
+    C.throughput,
     R.drop_vs_capacity,
     R.balance,
     R.expert_loads,
     R.load_drift,
-    F.memory,
-    F.pareto,
-    F.stages,
+    C.memory,
+    C.pareto,
+    C.stages,
     R.drops_breakdown,
     R.layer_loads,
+    EP.ep_ranks,
 ]
 
 _STAGE_TEXT = {
@@ -80,8 +84,7 @@ GLOSSARY: dict[str, str] = {
     "dispatch_buffer_bytes": "analytic bytes of the dispatch buffer: compact N D elt, padded E C D elt, "
     "einsum (T E C + E C D) elt with the one-hot mask",
     "kept_rows": "N, assignments kept after capacity",
-    "permute_bytes": "(N + rows_out) D elt: read N token rows, write the buffer (rows_out = N compact, "
-    "E C padded)",
+    "permute_bytes": "(N + rows_out) D elt: read N token rows, write the buffer (rows_out = N compact, E C padded)",
     "combine_bytes": "(N + T) D elt + 4 N: read N expert rows and gates, write [T, D]",
     "permute_gbps": "permute_bytes / time_dispatch_median, GB/s",
     "combine_gbps": "combine_bytes / time_combine_median, GB/s",
@@ -125,7 +128,49 @@ def default_out(paths: list[Path]) -> Path:
     return Path(paths[0]).resolve().parent / f"report-{stamp}"
 
 
+@dataclass
+class Written:
+    """What ``make_report`` wrote, for any kind of run: figures (title, PNG), documents, notes."""
+
+    html: Path
+    md: Path
+    figures: list[tuple[str, Path]]
+    notes: list[str]
+
+
+def run_kinds(paths: list[Path]) -> tuple[str, list[dict[str, Any]]]:
+    """The one kind of the runs (meta's ``kind``; sweeps before it was recorded say nothing) and
+    their metas; runs of different kinds are refused (one report draws one kind)."""
+    metas = [RunDir.open(check_run_dir(p), flag="report").read_meta() for p in paths]
+    kinds = {m.get("kind", "sweep") for m in metas}
+    if len(kinds) > 1:
+        raise ValueError(f"report draws runs of one kind at a time (got {', '.join(sorted(kinds))})")
+    kind = kinds.pop()
+    if kind not in KINDS:
+        raise ValueError(f"unknown run kind {kind!r} in meta.json; known: {', '.join(KINDS)}")
+    return kind, metas
+
+
+def make_report(paths: list[str | Path], out: str | Path | None = None) -> Written:
+    """The report of one or more runs of any kind: sweep and ep runs (their rows), simulate and
+    quality runs (their own tables, ``report.kinds``)."""
+    paths = [Path(p) for p in paths]
+    kind, metas = run_kinds(paths)
+    out_dir = Path(out) if out is not None else default_out(paths)
+    if kind in ("simulate", "quality"):
+        res = build_kind_report(kind, paths, metas, out_dir)
+        return Written(res["html"], res["md"], [(png.stem.replace("_", " "), png) for png in res["figures"]], [])
+    rep = build_report(paths, out_dir)
+    notes = [f"left out {lo.name}: {lo.reason}" for lo in rep.left_out]
+    if len(rep.data.excluded):
+        notes.append(
+            f"{len(rep.data.excluded)} error/skipped configurations are listed in the report, drawn in no figure"
+        )
+    return Written(rep.html, rep.md, [(fo.title, png) for fo, png in rep.figures], notes)
+
+
 def build_report(paths: list[str | Path], out: str | Path | None = None) -> Report:
+    """The report of sweep (or ep) runs: every figure of FIGURES that has data, report.html, report.md."""
     paths = [Path(p) for p in paths]
     data = load_runs(paths)
     out_dir = Path(out) if out is not None else default_out(paths)
@@ -248,8 +293,7 @@ def render_html(rep: Report) -> str:
         nav.append(
             H_.tag(
                 "p",
-                "Left out (nothing to draw): "
-                + "; ".join(f"{lo.title} ({lo.reason})" for lo in rep.left_out),
+                "Left out (nothing to draw): " + "; ".join(f"{lo.title} ({lo.reason})" for lo in rep.left_out),
                 class_="note",
             )
         )
@@ -294,9 +338,7 @@ def render_html(rep: Report) -> str:
     if rep.left_out:
         parts.append(H_.tag("h2", "Figures left out"))
         parts.append(
-            H_.tag(
-                "ul", H_.join(H_.tag("li", H_.tag("b", lo.title), f": {lo.reason}") for lo in rep.left_out)
-            )
+            H_.tag("ul", H_.join(H_.tag("li", H_.tag("b", lo.title), f": {lo.reason}") for lo in rep.left_out))
         )
 
     parts.append(H_.tag("h2", "Excluded configurations (error or skipped)", id="excluded"))
@@ -309,9 +351,7 @@ def render_html(rep: Report) -> str:
         for r in exc.itertuples(index=False):
             if r.error.strip():
                 summary = f"{r.status}: {r.router} × {r.workload} ({r.config_id})"
-                parts.append(
-                    H_.tag("details", H_.tag("summary", summary), H_.tag("pre", r.error, class_="err"))
-                )
+                parts.append(H_.tag("details", H_.tag("summary", summary), H_.tag("pre", r.error, class_="err")))
     parts += [H_.tag("h2", "All configurations", id="all"), H_.table(all_configs(data))]
 
     rows = [H_.tag("tr", H_.tag("th", k), H_.tag("td", v)) for k, v in GLOSSARY.items()]
@@ -361,9 +401,7 @@ def render_md(rep: Report) -> str:
             "",
         ]
     if rep.left_out:
-        out += (
-            ["## Figures left out", ""] + [f"- {e(lo.title)}: {e(lo.reason)}" for lo in rep.left_out] + [""]
-        )
+        out += ["## Figures left out", ""] + [f"- {e(lo.title)}: {e(lo.reason)}" for lo in rep.left_out] + [""]
     exc = excluded_table(data)
     out += ["## Excluded configurations (error or skipped)", ""]
     if exc.empty:

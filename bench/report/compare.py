@@ -192,9 +192,7 @@ def _run_summary(path: Path, meta: dict[str, Any], rows: pd.DataFrame) -> dict[s
     }
 
 
-def compare_runs(
-    path_a: str | Path, path_b: str | Path, threshold_pct: float = DEFAULT_THRESHOLD_PCT
-) -> Comparison:
+def compare_runs(path_a: str | Path, path_b: str | Path, threshold_pct: float = DEFAULT_THRESHOLD_PCT) -> Comparison:
     if not (threshold_pct >= 0 and math.isfinite(threshold_pct)):
         raise ValueError(f"--threshold must be a percentage >= 0 (got {threshold_pct!r})")
     pa_, pb_ = check_run_dir(path_a), check_run_dir(path_b)
@@ -300,9 +298,7 @@ def format_table(c: Comparison, show_all: bool = False) -> str:
         ]
         widths = [max(len(str(r[k])) for r in [head, *cells]) for k in range(len(head) - 1)]
         for r in [head, *cells]:
-            lines.append(
-                "  ".join(str(v).ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]
-            )
+            lines.append("  ".join(str(v).ljust(w) for v, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1])
     counts = pd.Series([ch.verdict for ch in c.changes]).value_counts().to_dict() if c.changes else {}
     lines.append(
         f"{len(c.changes)} metric comparisons: "

@@ -70,6 +70,7 @@ class ReportData:
     loads: pd.DataFrame
     breakdown: pd.DataFrame | None
     reference: dict[str, Any] = field(default_factory=dict)
+    ranks: pd.DataFrame | None = None  # per-rank rows of ep runs (ep_ranks.parquet)
 
     @property
     def several_runs(self) -> bool:
@@ -230,7 +231,7 @@ def load_runs(paths: list[str | Path]) -> ReportData:
     dirs = [check_run_dir(p) for p in paths]
     labels = _unique_labels(dirs)
     runs: list[RunInfo] = []
-    rows_all, loads_all, breakdowns = [], [], []
+    rows_all, loads_all, breakdowns, ranks = [], [], [], []
     for label, path in zip(labels, dirs, strict=True):
         rows, _, meta = load_run(path)
         rows = rows.copy()
@@ -242,11 +243,11 @@ def load_runs(paths: list[str | Path]) -> ReportData:
         if not loads.empty:
             loads.insert(0, "run", label)
             loads_all.append(loads)
-        bd = path / "breakdown.parquet"
-        if bd.is_file():
-            b = pd.read_parquet(bd)
-            b.insert(0, "run", label)
-            breakdowns.append(b)
+        for name, into in (("breakdown", breakdowns), ("ep_ranks", ranks)):
+            if (path / f"{name}.parquet").is_file():
+                table = pd.read_parquet(path / f"{name}.parquet")
+                table.insert(0, "run", label)
+                into.append(table)
     rows = pd.concat(rows_all, ignore_index=True)
     rows["router_disp"] = _display_router(rows)
     rows["series"] = _series(rows, len(runs) > 1)
@@ -262,6 +263,7 @@ def load_runs(paths: list[str | Path]) -> ReportData:
         loads=loads,
         breakdown=breakdown,
         reference=reference_values(ok) if not ok.empty else {},
+        ranks=pd.concat(ranks, ignore_index=True) if ranks else None,
     )
 
 

@@ -1,161 +1,37 @@
 """Report figures about cost: throughput, memory, stage times, and the Pareto views.
 
-Every figure function takes a :class:`~bench.report_data.ReportData` and returns a
-:class:`FigureOut` (the matplotlib figure, its title and caption, and the table of numbers it
-draws) or a :class:`LeftOut` saying why the run has nothing to draw. Figures are built with the
-object-oriented matplotlib API (no pyplot state) inside :func:`figure_style`: seaborn's
-"colorblind" palette, whitegrid, font scale 1.2, 10 x 5.6 in at 150 dpi, legible on a slide.
-The routing figures live in :mod:`bench.figures_routing`; the helpers here serve both.
+Each returns a ``FigureOut`` or a ``LeftOut`` with the reason (``report.style``); the routing
+figures live in ``report.figures_routing``.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-
 import numpy as np
-import pandas as pd
-import seaborn as sns
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter, FuncFormatter
 
 from moe_routing_bench.bench.record import STAGES
 from moe_routing_bench.bench.report.data import ReportData, tokens_per_s_band
-
-FIGSIZE = (10.0, 5.6)
-DPI = 150
-LINESTYLES = ("-", "--", ":", "-.")
-MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-_MODE_ORDER = {"fwd": 0, "fwd+bwd": 1}
-
-
-@dataclass
-class FigureOut:
-    name: str  # file stem of the PNG
-    title: str
-    caption: str  # may hold run-derived text: renderers escape it
-    fig: Figure
-    table: pd.DataFrame  # the numbers the figure draws
-
-
-@dataclass
-class LeftOut:
-    name: str
-    title: str
-    reason: str
-
-
-@contextlib.contextmanager
-def figure_style() -> Iterator[None]:
-    """Seaborn theme for every report figure, restored afterwards (no global state leaks)."""
-    with (
-        sns.axes_style("whitegrid"),
-        sns.plotting_context("notebook", font_scale=1.2),
-        sns.color_palette("colorblind"),
-    ):
-        yield
-
-
-def new_figure(ncols: int = 1, sharey: bool = False, sharex: bool = False) -> tuple[Figure, list[Axes]]:
-    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
-    axes = fig.subplots(1, ncols, sharey=sharey, sharex=sharex, squeeze=False)[0]
-    return fig, list(axes)
-
-
-def colors_for(levels: Sequence[str]) -> dict[str, tuple[float, float, float]]:
-    pal = sns.color_palette("colorblind", max(len(levels), 1))
-    return {lv: pal[i % len(pal)] for i, lv in enumerate(levels)}
-
-
-def titled(fig: Figure, title: str, subtitle: str = "") -> None:
-    """Title on top; what the figure holds fixed (the slice) as a footnote under the axes."""
-    # Left-aligned, so a long title never runs into the legend at the upper right.
-    fig.suptitle(title, fontsize="large", fontweight="bold", x=0.01, ha="left")
-    if subtitle:
-        fig.supxlabel(plain(subtitle), fontsize="small", color="0.35")
-
-
-def seconds_label(t: float) -> str:
-    return f"{t:.3g} s" if t >= 1 else f"{t * 1e3:.3g} ms" if t >= 1e-3 else f"{t * 1e6:.3g} µs"
-
-
-def tokens_formatter(v: float, _pos: object = None) -> str:
-    return f"{v:g}" if v < 10_000 else EngFormatter(sep="")(v)
-
-
-def short(label: object, limit: int = 28) -> str:
-    """Labels in figures are cut to ``limit`` characters (tables keep them whole), so one long
-    sweep label cannot squeeze the axes away."""
-    text = str(label)
-    return plain(text if len(text) <= limit else text[: limit - 1] + "…")
-
-
-def plain(text: str) -> str:
-    """Run-derived text drawn by matplotlib: a '$' would otherwise start mathtext."""
-    return text.replace("$", r"\$")
-
-
-def legend_right(fig: Figure, handles: list, labels: list[str], title: str | None = None) -> None:
-    if handles:
-        fig.legend(
-            handles, [short(lab) for lab in labels], loc="outside right upper", title=title, frameon=False
-        )
-
-
-def ordered(values: pd.Series) -> list[str]:
-    return sorted(pd.unique(values.astype(str)))
-
-
-def rotate_if_crowded(ax: Axes, n: int) -> None:
-    if n > 4:
-        for lab in ax.get_xticklabels():
-            lab.set_rotation(35)
-            lab.set_horizontalalignment("right")
-
-
-def grouped_bars(
-    ax: Axes,
-    df: pd.DataFrame,
-    x: str,
-    hue: str,
-    y: str,
-    lo: str | None = None,
-    hi: str | None = None,
-    colors: dict | None = None,
-) -> None:
-    """Bars of ``y`` at each ``x``, one per ``hue`` level, with optional [lo, hi] error bars."""
-    xs, hues = ordered(df[x]), ordered(df[hue])
-    colors = colors or colors_for(hues)
-    width = 0.8 / max(len(hues), 1)
-    for j, h in enumerate(hues):
-        sub = df[df[hue].astype(str) == h].set_index(x)
-        pos = [i + (j - (len(hues) - 1) / 2) * width for i, xv in enumerate(xs) if xv in sub.index]
-        sel = sub.loc[[xv for xv in xs if xv in sub.index]]
-        vals = sel[y].to_numpy(dtype=float)
-        err = None
-        if lo is not None and hi is not None:
-            err = np.vstack([vals - sel[lo].to_numpy(float), sel[hi].to_numpy(float) - vals]).clip(min=0)
-        ax.bar(pos, vals, width * 0.95, color=colors[h], label=h, yerr=err, capsize=3, ecolor="0.2")
-    ax.set_xticks(range(len(xs)), [short(x) for x in xs])
-    rotate_if_crowded(ax, len(xs))
-
-
-def _first(df: pd.DataFrame, keys: list[str], cols: list[str]) -> pd.DataFrame:
-    """One row per ``keys`` (median of numbers, in case labels still repeat)."""
-    return df.groupby(keys, as_index=False, sort=True)[cols].median(numeric_only=True)
-
-
-def _run_cols(data: ReportData) -> list[str]:
-    return ["run"] if data.several_runs else []
-
-
-def _missing_note(data: ReportData, df: pd.DataFrame) -> str:
-    missing = data.missing_routers(df)
-    return f" Not in this slice: {', '.join(missing)}." if missing else ""
+from moe_routing_bench.bench.report.style import (
+    LINESTYLES,
+    MARKERS,
+    MODE_ORDER,
+    FigureOut,
+    LeftOut,
+    colors_for,
+    first_per,
+    grouped_bars,
+    legend_right,
+    missing_note,
+    new_figure,
+    ordered,
+    run_cols,
+    seconds_label,
+    short,
+    titled,
+    tokens_formatter,
+)
 
 
 def throughput(data: ReportData) -> FigureOut | LeftOut:
@@ -167,9 +43,9 @@ def throughput(data: ReportData) -> FigureOut | LeftOut:
     lo, hi = tokens_per_s_band(df)
     df = df.assign(tokens_per_s_at_p80_time=lo, tokens_per_s_at_p20_time=hi)
     cols = ["tokens_per_s", "tokens_per_s_at_p80_time", "tokens_per_s_at_p20_time", "time_total_median"]
-    keys = [*_run_cols(data), "router_disp", "workload", "series", "mode"]
-    table = _first(df, keys, cols)
-    modes = sorted(table["mode"].unique(), key=lambda m: (_MODE_ORDER.get(m, 9), m))
+    keys = [*run_cols(data), "router_disp", "workload", "series", "mode"]
+    table = first_per(df, keys, cols)
+    modes = sorted(table["mode"].unique(), key=lambda m: (MODE_ORDER.get(m, 9), m))
     fig, axes = new_figure(len(modes))
     colors = colors_for(ordered(table["series"]))
     for ax, mode in zip(axes, modes, strict=True):
@@ -193,7 +69,7 @@ def throughput(data: ReportData) -> FigureOut | LeftOut:
     titled(fig, title, data.describe(free=("mode",)))
     caption = (
         "Bars: tokens/s = T / median total time; error bars span tokens/s at the p80 and p20 "
-        f"total time over repeats. Slice: {data.describe(free=('mode',))}." + _missing_note(data, df)
+        f"total time over repeats. Slice: {data.describe(free=('mode',))}." + missing_note(data, df)
     )
     table = table.drop(columns="series").rename(columns={"router_disp": "router"})
     return FigureOut(name, title, caption, fig, table)
@@ -209,9 +85,9 @@ def stages(data: ReportData) -> FigureOut | LeftOut:
     if df.empty or not stage_cols:
         return LeftOut(name, title, "no stage times measured")
     df = df.assign(label=df["router_disp"] + (" · " + df["series"] if df["series"].nunique() > 1 else ""))
-    keys = [*_run_cols(data), "label", "router_disp", "workload", "mode"]
-    table = _first(df, keys, [*stage_cols, "time_total_median"])
-    modes = sorted(table["mode"].unique(), key=lambda m: (_MODE_ORDER.get(m, 9), m))
+    keys = [*run_cols(data), "label", "router_disp", "workload", "mode"]
+    table = first_per(df, keys, [*stage_cols, "time_total_median"])
+    modes = sorted(table["mode"].unique(), key=lambda m: (MODE_ORDER.get(m, 9), m))
     fig, axes = new_figure(len(modes), sharey=True)
     parts = [*stage_cols, "other"]
     colors = colors_for(parts)
@@ -246,8 +122,7 @@ def stages(data: ReportData) -> FigureOut | LeftOut:
         "Median time of each stage over repeats as a share of the step; 'other' is the median total "
         "step minus the stage medians (time between stages). Labels: median total step. Stages a "
         "configuration never ran (backward in fwd mode, the shared expert for routers without one) have "
-        f"no bar. Seconds per stage are in the table. Slice: {data.describe(free=('mode',))}."
-        + _missing_note(data, df)
+        f"no bar. Seconds per stage are in the table. Slice: {data.describe(free=('mode',))}." + missing_note(data, df)
     )
     table = table.drop(columns="label").rename(columns={"router_disp": "router"})
     return FigureOut(name, title, caption, fig, table)
@@ -264,8 +139,8 @@ def memory(data: ReportData) -> FigureOut | LeftOut:
     df = data.slice(free=free)
     if df["tokens"].nunique() < 2:
         return LeftOut(name, title, "the run has one token count; memory against tokens needs two or more")
-    keys = [*_run_cols(data), "router_disp", "backend", "layout", "tokens"]
-    table = _first(df, keys, ["peak_mem_bytes", "dispatch_buffer_bytes"])
+    keys = [*run_cols(data), "router_disp", "backend", "layout", "tokens"]
+    table = first_per(df, keys, ["peak_mem_bytes", "dispatch_buffer_bytes"])
     table["backend_layout"] = table["backend"] + "/" + table["layout"]
     fig, axes = new_figure(2)
     routers, backends = ordered(table["router_disp"]), ordered(table["backend_layout"])
@@ -335,7 +210,7 @@ def pareto(data: ReportData) -> FigureOut | LeftOut:
     df = df.dropna(subset=["tokens_dropped_frac", "imbalance"])
     if df.empty:
         return LeftOut(name, title, "no ok configuration with routing metrics")
-    keys = [*_run_cols(data), "router_disp", "workload", "series", "capacity_factor"]
+    keys = [*run_cols(data), "router_disp", "workload", "series", "capacity_factor"]
     table = df.groupby(keys, as_index=False, dropna=False)[cols].median()
     table["front_speed_drops"] = pareto_front(
         table["tokens_dropped_frac"].to_numpy(float), table["tokens_per_s"].to_numpy(float), True, False
@@ -386,7 +261,7 @@ def pareto(data: ReportData) -> FigureOut | LeftOut:
     caption = (
         "One point per router, workload and capacity factor. Dashed: the Pareto front (no other point "
         "is better on both axes). Drops are tokens_dropped_frac, defined for every router. "
-        f"Slice: {data.describe(free=free)}." + _missing_note(data, df)
+        f"Slice: {data.describe(free=free)}." + missing_note(data, df)
     )
     table = table.drop(columns="series").rename(columns={"router_disp": "router"})
     return FigureOut(name, title, caption, fig, table)

@@ -1,7 +1,7 @@
 """Report figures about routing: drops against capacity, balance, per-expert load distributions,
 load drift across batches, drops by token frequency and position, and per-layer load of traces.
 
-Same contract as :mod:`bench.figures`: each function returns a ``FigureOut`` or a ``LeftOut``
+Same contract as the cost figures (``report.style``): each function returns a ``FigureOut`` or a ``LeftOut``
 with the reason (a figure with no data is left out, never drawn empty).
 """
 
@@ -13,7 +13,7 @@ import seaborn as sns
 from matplotlib.lines import Line2D
 
 from moe_routing_bench.bench.report.data import ReportData, loads_changing
-from moe_routing_bench.bench.report.figures_cost import (
+from moe_routing_bench.bench.report.style import (
     LINESTYLES,
     MARKERS,
     FigureOut,
@@ -334,9 +334,7 @@ def layer_loads(data: ReportData) -> FigureOut | LeftOut:
     fig, axes = new_figure(2)
     routers, series = ordered(table["router_disp"]), ordered(table["series"])
     colors = colors_for(routers)
-    for ax, col, label in zip(
-        axes, ("imbalance", "load_cv"), ("imbalance (max / mean)", "load CV"), strict=True
-    ):
+    for ax, col, label in zip(axes, ("imbalance", "load_cv"), ("imbalance (max / mean)", "load CV"), strict=True):
         for (r, s), g in table.groupby(["router_disp", "series"]):
             g = g.sort_values("layer")
             ax.plot(
@@ -352,6 +350,4 @@ def layer_loads(data: ReportData) -> FigureOut | LeftOut:
     _line_legend(fig, routers, series, colors)
     titled(fig, title, "requested load per layer, mean over batches")
     caption = "Balance of the requested load at each layer of a captured trace, mean over batches."
-    return FigureOut(
-        name, title, caption, fig, table.rename(columns={"router_disp": "router", "series": "workload"})
-    )
+    return FigureOut(name, title, caption, fig, table.rename(columns={"router_disp": "router", "series": "workload"}))

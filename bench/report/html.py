@@ -32,9 +32,7 @@ def esc(value: Any) -> Html:
 def tag(name: str, *children: Any, **attrs: Any) -> Html:
     """``<name attrs>children</name>``; attribute values and non-Html children are escaped.
     A trailing underscore in an attribute name is dropped (``class_``)."""
-    attr = "".join(
-        f' {k.rstrip("_").replace("_", "-")}="{esc(v)}"' for k, v in attrs.items() if v is not None
-    )
+    attr = "".join(f' {k.rstrip("_").replace("_", "-")}="{esc(v)}"' for k, v in attrs.items() if v is not None)
     return Html(f"<{name}{attr}>" + "".join(esc(c) for c in children) + f"</{name}>")
 
 
@@ -211,9 +209,7 @@ def md_table(df: pd.DataFrame, max_rows: int | None = 40) -> str:
     shown = df if max_rows is None else df.head(max_rows)
     lines = ["| " + " | ".join(md_escape(c) for c in df.columns) + " |"]
     lines.append(
-        "|"
-        + "|".join(" ---: " if pd.api.types.is_numeric_dtype(df[c]) else " --- " for c in df.columns)
-        + "|"
+        "|" + "|".join(" ---: " if pd.api.types.is_numeric_dtype(df[c]) else " --- " for c in df.columns) + "|"
     )
     for rec in shown.itertuples(index=False):
         lines.append("| " + " | ".join(md_escape(fmt(v)) for v in rec) + " |")

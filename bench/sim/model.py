@@ -60,9 +60,9 @@ import torch
 
 from moe_routing_bench.bench.placement import make_placement
 from moe_routing_bench.bench.routing import route_batches, wants_fit
-from moe_routing_bench.bench.workload_adapter import make_workload
 from moe_routing_bench.routers.contract import RoutingError
 from moe_routing_bench.routers.registry import build_router
+from moe_routing_bench.workloads.registry import build_workload
 
 # Approximate spec-sheet values (NVIDIA H100 / H200 SXM datasheets; NVLink 4 via NVSwitch: 900 GB/s
 # bidirectional per GPU; one ConnectX-7 InfiniBand NDR 400 Gb/s NIC per GPU). Latencies are typical
@@ -168,14 +168,16 @@ def route_plans(
     router: str,
     router_opts: dict[str, Any],
     workload: str,
+    workload_opts: dict[str, Any],
     tokens: int,
     experts: int,
     num_plans: int,
     seed: int,
 ) -> Plans:
-    """Route ``num_plans`` batches of ``tokens`` tokens on CPU (a separate slice fits routers that learn)."""
+    """Route ``num_plans`` batches of ``tokens`` tokens on CPU (a separate slice fits routers that
+    learn); router_opts are build_router's options besides num_experts and seed."""
     r = build_router(router, **{"num_experts": experts, "seed": seed, **router_opts})
-    wl = make_workload(workload, {}, seed)
+    wl = build_workload(workload, workload_opts, seed)
     fit = wl.fit_sample(tokens, experts, "cpu") if wants_fit(r) else None
     res = route_batches(r, wl.batches(tokens, experts, num_plans, "cpu"), "cpu", fit)
     kept = torch.stack([ld.kept_E for ld in res.loads]).to(torch.int64)
@@ -196,9 +198,7 @@ def ep_group_size(devices: int, experts: int, ep_size: int | None = None) -> int
             )
         return experts
     if ep_size < 1 or devices % ep_size or experts < ep_size:
-        raise RoutingError(
-            f"--ep-size must divide --devices {devices} and be <= --experts {experts} (got {ep_size})"
-        )
+        raise RoutingError(f"--ep-size must divide --devices {devices} and be <= --experts {experts} (got {ep_size})")
     return ep_size
 
 
@@ -251,9 +251,7 @@ def a2a_device_times(src_P, dst_P, bytes_P, devices: int, hw: Hardware) -> torch
     cost_intra = cost * intra
     cost_inter = cost - cost_intra
     queues = torch.zeros(4, devices, dtype=torch.float64)
-    for i, (ends, c) in enumerate(
-        ((src_P, cost_intra), (src_P, cost_inter), (dst_P, cost_intra), (dst_P, cost_inter))
-    ):
+    for i, (ends, c) in enumerate(((src_P, cost_intra), (src_P, cost_inter), (dst_P, cost_intra), (dst_P, cost_inter))):
         queues[i].index_add_(0, ends, c)
     return queues.amax(0)
 

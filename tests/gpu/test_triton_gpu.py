@@ -114,12 +114,8 @@ def test_padded_layer_matches_torch_backend():
     t, e, dim = 4096, 8, 512
     gen = torch.Generator(device=CUDA).manual_seed(1)
     expert_R = torch.randint(0, e, (t,), device=CUDA, generator=gen)
-    d = make_dispatch(
-        torch.arange(t, device=CUDA), expert_R, torch.rand(t, device=CUDA, generator=gen), t, e, 400
-    )
+    d = make_dispatch(torch.arange(t, device=CUDA), expert_R, torch.rand(t, device=CUDA, generator=gen), t, e, 400)
     x = torch.randn(t, dim, device=CUDA, generator=gen)
     buf = triton_backend.permute(x, d, "padded")
     assert torch.equal(buf, torch_backend.permute(x, d, "padded"))
-    torch.testing.assert_close(
-        triton_backend.combine(buf, d, "padded"), torch_backend.combine(buf, d, "padded")
-    )
+    torch.testing.assert_close(triton_backend.combine(buf, d, "padded"), torch_backend.combine(buf, d, "padded"))

@@ -301,9 +301,7 @@ def test_analytic_buffer_bytes_match_allocations():
 def test_expert_ffn_shapes_seed_and_layout_agreement():
     ffn = ExpertFFN(3, 10, ffn_ratio=2.5, seed=7)
     assert ffn.ffn == 25
-    assert (
-        ffn.w_gate.shape == (3, 10, 25) and ffn.w_up.shape == (3, 10, 25) and ffn.w_down.shape == (3, 25, 10)
-    )
+    assert ffn.w_gate.shape == (3, 10, 25) and ffn.w_up.shape == (3, 10, 25) and ffn.w_down.shape == (3, 25, 10)
     assert torch.equal(ExpertFFN(3, 10, ffn_ratio=2.5, seed=7).w_down, ffn.w_down)
     assert not torch.equal(ExpertFFN(3, 10, ffn_ratio=2.5, seed=8).w_down, ffn.w_down)
     # The same rows through the compact loop and the padded bmm give the same outputs.

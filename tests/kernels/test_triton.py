@@ -33,9 +33,7 @@ from moe_routing_bench.kernels.triton_common import interpret_requested
 from moe_routing_bench.routers.contract import capacity
 
 if not interpret_requested():
-    pytest.skip(
-        "needs TRITON_INTERPRET=1 (tests/conftest.py sets it on the CPU tier)", allow_module_level=True
-    )
+    pytest.skip("needs TRITON_INTERPRET=1 (tests/conftest.py sets it on the CPU tier)", allow_module_level=True)
 
 from moe_routing_bench.kernels import triton_permute, triton_positions
 
@@ -383,9 +381,7 @@ tpos, tperm = triton_positions.positions, triton_permute
             "weight_N and widx_P",
         ),
         (
-            lambda: tperm.combine_backward(
-                torch.zeros(2, 3), torch.zeros(2, 4), _i64(2), _i64(2), torch.ones(1)
-            ),
+            lambda: tperm.combine_backward(torch.zeros(2, 3), torch.zeros(2, 4), _i64(2), _i64(2), torch.ones(1)),
             "grad_TD must be",
         ),
     ],

@@ -195,9 +195,7 @@ def test_hash_is_the_same_map_across_instances_and_processes_and_seeded():
         "import torch, json; from routers.hashing import hash_experts; "
         "print(json.dumps(hash_experts(torch.arange(5000), 5, 16).tolist()))"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(out.stdout) == a.tolist()
     other = build_router("hash", num_experts=16, seed=6).route(batch).expert_R
     agree = float((a == other).float().mean())
@@ -361,9 +359,7 @@ def _kept_groups(scores, g, topk_group):
 @pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
 def test_groups_choose_only_inside_the_kept_groups(score_func):
     e, g, tg, k = 16, 4, 2, 3
-    router = build_router(
-        "hierarchical", num_experts=e, num_groups=g, topk_group=tg, top_k=k, score_func=score_func
-    )
+    router = build_router("hierarchical", num_experts=e, num_groups=g, topk_group=tg, top_k=k, score_func=score_func)
     for seed in range(30):
         batch = _batch(32, e, seed=seed, scale=2.0)
         plan = router.route(batch)

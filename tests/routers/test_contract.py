@@ -43,10 +43,7 @@ def test_float_rounding_cases_really_differ():
 
 def test_min_capacity_raises_after_clamp():
     assert capacity(0.01, 100, 64, 1, min_capacity=4) == 4
-    assert (
-        build_router("switch", num_experts=64, capacity_factor=0.01, min_capacity=4).config.capacity_for(100)
-        == 4
-    )
+    assert build_router("switch", num_experts=64, capacity_factor=0.01, min_capacity=4).config.capacity_for(100) == 4
 
 
 def test_capacity_fractional_k_and_fraction_cf():

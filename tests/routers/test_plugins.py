@@ -29,9 +29,7 @@ def test_example_plugin_file_registers_and_routes():
     probs = torch.softmax(logits, -1)
     assert not torch.equal(plan.expert_R, logits.argmax(-1))
     assert probs[plan.token_R, plan.expert_R].mean() > 1.0 / 8
-    again = build_router("sampled", num_experts=8, seed=1).route(
-        Batch(logits_TE=logits, token_T=torch.arange(1000))
-    )
+    again = build_router("sampled", num_experts=8, seed=1).route(Batch(logits_TE=logits, token_T=torch.arange(1000)))
     assert torch.equal(plan.expert_R, again.expert_R)
     assert any(str(EXAMPLE.resolve()) in p for p in loaded_plugins())
 
@@ -160,9 +158,7 @@ def test_readme_router_snippet_runs_as_a_plugin(tmp_path):
     # The "Write a router" section must stay true: its code block is loaded as a plugin file.
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## Write a router") :]
-    code = section[
-        section.index("```python") + len("```python") : section.index("```\n", section.index("```python"))
-    ]
+    code = section[section.index("```python") + len("```python") : section.index("```\n", section.index("```python"))]
     plugin = tmp_path / "my_router.py"
     plugin.write_text(code)
     proc = subprocess.run(

@@ -30,9 +30,7 @@ def test_switch_argmax_and_unrenormalised_gate(make_batch):
 
 def test_switch_token_order_priority(make_batch):
     # Every token wants expert 0; C = ceil(1.0 * 6 / 3) = 2: the two earliest tokens win.
-    logits = torch.tensor([[1.0, 0.0, 0.0]] * 6) + torch.linspace(0, 0.5, 6)[:, None] * torch.tensor(
-        [1.0, 0, 0]
-    )
+    logits = torch.tensor([[1.0, 0.0, 0.0]] * 6) + torch.linspace(0, 0.5, 6)[:, None] * torch.tensor([1.0, 0, 0])
     plan = build_router("switch", num_experts=3, capacity_factor=1.0).route(make_batch(logits))
     assert plan.capacity == 2
     kept = _kept(plan)
@@ -51,9 +49,7 @@ def test_switch_batch_prioritized_keeps_most_confident(make_batch):
 
 def test_switch_batch_prioritized_ties_keep_token_order(make_batch):
     logits = torch.tensor([[2.0, 0.0]] * 5)
-    plan = build_router("switch", num_experts=2, capacity_factor=1.0, batch_prioritized=True).route(
-        make_batch(logits)
-    )
+    plan = build_router("switch", num_experts=2, capacity_factor=1.0, batch_prioritized=True).route(make_batch(logits))
     assert plan.token_R.tolist() == [0, 1, 2, 3, 4]
 
 

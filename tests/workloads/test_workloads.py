@@ -31,9 +31,7 @@ SYNTHETIC = ["uniform", "zipf", "hot", "drift", "correlated", "adversarial"]
 
 def _first_choice_loads(workload, t, e, b) -> torch.Tensor:
     """[B, E] first-choice (argmax) loads per batch."""
-    return torch.stack(
-        [torch.bincount(x.logits_TE.argmax(-1), minlength=e) for x in workload.batches(t, e, b)]
-    )
+    return torch.stack([torch.bincount(x.logits_TE.argmax(-1), minlength=e) for x in workload.batches(t, e, b)])
 
 
 def test_registry_lists_every_family_with_a_description():
@@ -44,9 +42,7 @@ def test_registry_lists_every_family_with_a_description():
 
 
 def test_unknown_workload_lists_the_valid_names():
-    with pytest.raises(
-        WorkloadError, match=r"unknown workload 'zipff'; valid workloads: adversarial, code, "
-    ):
+    with pytest.raises(WorkloadError, match=r"unknown workload 'zipff'; valid workloads: adversarial, code, "):
         get_workload_class("zipff")
 
 
@@ -141,9 +137,7 @@ def test_zipf_exponent_is_recovered_from_the_loads():
     slope = np.polyfit(np.log(np.arange(1, e + 1)), np.log(sorted_loads.numpy()), 1)[0]
     assert abs(-slope - s) < 0.08, slope
     # and the popular expert is not always expert 0 (a seeded permutation of ranks)
-    tops = {
-        int(_first_choice_loads(build_workload("zipf", {}, seed=k), 512, e, 1)[0].argmax()) for k in range(6)
-    }
+    tops = {int(_first_choice_loads(build_workload("zipf", {}, seed=k), 512, e, 1)[0].argmax()) for k in range(6)}
     assert len(tops) > 1
 
 

@@ -121,9 +121,7 @@ def test_capture_then_trace_replays_the_hooked_logits(offline, tiny_mixtral, tmp
     assert res.exit_code == 0, res.output
     cfg = json.loads(res.output)["config"]
     assert cfg["num_experts"] == 8 and cfg["workload"] == "trace" and cfg["workload_options"]["layer"] == 1
-    res = _run(
-        "route", "--router", "topk", "-E", "64", "--workload", "trace", "--workload-opt", f"path={out}"
-    )
+    res = _run("route", "--router", "topk", "-E", "64", "--workload", "trace", "--workload-opt", f"path={out}")
     assert res.exit_code == 2 and "this workload has E = 8 experts (got num_experts = 64)" in res.stderr
 
 
@@ -245,9 +243,7 @@ def test_gates_found_by_name_when_the_model_declares_nothing():
 
 
 def test_capture_refuses_what_it_cannot_load_offline(offline, tmp_path):
-    res = _run(
-        "capture", "--model", str(tmp_path / "nothing-here"), *CODE, "--out", str(tmp_path / "t.parquet")
-    )
+    res = _run("capture", "--model", str(tmp_path / "nothing-here"), *CODE, "--out", str(tmp_path / "t.parquet"))
     assert res.exit_code == 2
     assert "no local model found (capture never downloads" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1

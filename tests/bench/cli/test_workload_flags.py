@@ -32,9 +32,7 @@ def test_list_workloads_shows_each_with_its_options():
     assert res.exit_code == 0
     lines = res.output.splitlines()
     names = [line.split()[0] for line in lines if line and not line.startswith(" ")]
-    assert {"uniform", "zipf", "hot", "drift", "correlated", "adversarial", "code", "text", "trace"} <= set(
-        names
-    )
+    assert {"uniform", "zipf", "hot", "drift", "correlated", "adversarial", "code", "text", "trace"} <= set(names)
     zipf = lines.index(next(line for line in lines if line.startswith("zipf")))
     assert "options:" in lines[zipf + 1] and "s=1.0" in lines[zipf + 1]
 
@@ -85,9 +83,7 @@ def test_code_workload_routes_less_evenly_than_uniform_for_top1():
 
 
 def test_breakdown_table_and_json():
-    res = _run(
-        *ROUTE, "--router", "switch,topk", "--capacity-factor", "1.0", "--breakdown", "--workload", "zipf"
-    )
+    res = _run(*ROUTE, "--router", "switch,topk", "--capacity-factor", "1.0", "--breakdown", "--workload", "zipf")
     assert res.exit_code == 0, res.output
     assert "breakdown: drop_rate / tokens_dropped_frac" in res.output
     for bucket in ("frequent", "middle", "rare", "position q1", "position q4"):

@@ -33,9 +33,9 @@ from moe_routing_bench.bench.ep.record import load_ep_ranks
 from moe_routing_bench.bench.moe_layer import layer_forward, plan_dispatch
 from moe_routing_bench.bench.record import load_run
 from moe_routing_bench.bench.routing import wants_fit
-from moe_routing_bench.bench.workload_adapter import make_workload
 from moe_routing_bench.kernels.experts import ExpertFFN
 from moe_routing_bench.routers.registry import build_router, router_names
+from moe_routing_bench.workloads.registry import build_workload
 
 ATOL, RTOL = 1e-5, 1e-5  # float32: the expert matmuls see different row batches than one process
 
@@ -81,9 +81,7 @@ def _loopback(plans, xs, sh: Sharding, full: ExpertFFN) -> list[torch.Tensor]:
         x_recv = torch.cat([torch.split(sends[r], outs[r].rows_W)[s] for r in range(w)])
         assert x_recv.shape[0] == sum(inc.rows_W)
         incs.append(inc)
-        y_recv.append(
-            run_local_experts(x_recv, inc, local_ffn(full, sh.local_experts(s), torch.device("cpu")))
-        )
+        y_recv.append(run_local_experts(x_recv, inc, local_ffn(full, sh.local_experts(s), torch.device("cpu"))))
     results = []
     for r in range(w):
         y_back = torch.cat([torch.split(y_recv[s], incs[s].rows_W)[r] for s in range(w)])
@@ -130,7 +128,7 @@ def _reference(ep: EPPoint, rank: int) -> torch.Tensor:
     p = ep.point
     n = p.warmup + p.repeats
     router = build_router(p.router, **p.router_options())
-    wl = make_workload(p.workload, p.workload_opts, p.seed)
+    wl = build_workload(p.workload, p.workload_opts, p.seed)
     # the rank's shard of one stream: step i of rank r is batch i * W + r
     batches = list(wl.batches(p.tokens, p.experts, n * ep.nproc, "cpu"))[rank :: ep.nproc]
     if wants_fit(router):
@@ -139,9 +137,7 @@ def _reference(ep: EPPoint, rank: int) -> torch.Tensor:
     shared = ExpertFFN(1, p.hidden, ffn_ratio=p.ffn_ratio, seed=p.seed + 1)
     outs = []
     with torch.inference_mode():
-        for batch, x in zip(
-            batches, rank_hidden(p, rank, n, torch.float32, torch.device("cpu")), strict=True
-        ):
+        for batch, x in zip(batches, rank_hidden(p, rank, n, torch.float32, torch.device("cpu")), strict=True):
             if batch.hidden_TD is None:  # as the worker does: routers with their own gate read x
                 batch.hidden_TD = x
             plan = router.route(batch)
@@ -206,16 +202,15 @@ def test_ep_run_directory_tables(ep_run):
 
 
 def test_ep_launch_failure_becomes_error_rows(tmp_path, monkeypatch):
-    import moe_routing_bench.bench.cli.ep as ep_cmd
+    import moe_routing_bench.bench.ep.launch as ep_launch
 
-    monkeypatch.setattr(ep_cmd, "launch", lambda run, nproc, timeout: (1, "RuntimeError: boom"))
-    res = _cli(
-        "ep", "--nproc", "2", "--tokens", "8", "--experts", "2", "--hidden", "4", "--out", str(tmp_path)
-    )
+    monkeypatch.setattr(ep_launch, "launch", lambda run, nproc, timeout: (1, "RuntimeError: boom"))
+    res = _cli("ep", "--nproc", "2", "--tokens", "8", "--experts", "2", "--hidden", "4", "--out", str(tmp_path))
     assert res.exit_code == 1
     run_dir = next(tmp_path.iterdir())
     rows, _, meta = load_run(run_dir)
-    assert meta["status"] == "error" and rows["status"].tolist() == ["error"]
+    assert meta["status"] == "failed" and rows["status"].tolist() == ["error"]
+    assert "status 1" in meta["error"]
     assert "boom" in rows["error"].iloc[0] and math.isnan(rows["time_total_median"].iloc[0])
 
 
@@ -248,3 +243,12 @@ def test_ep_placement_file(tmp_path):
     f.write_text(json.dumps({"0": 1, "1": 2}))
     res = _cli("ep", "--nproc", "2", "--experts", "2", "--placement", str(f), "--out", str(tmp_path / "r"))
     assert res.exit_code == 2 and "not a device" in res.output
+
+
+def test_report_draws_an_ep_run_with_its_per_rank_figure(ep_run, tmp_path):
+    run_dir, _, _ = ep_run
+    res = _cli("report", str(run_dir), "--out", str(tmp_path / "report"))
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "report" / "ep_ranks.png").stat().st_size > 10_000
+    assert (tmp_path / "report" / "throughput.png").is_file()
+    assert "Expert parallelism: work and time per rank" in (tmp_path / "report" / "report.html").read_text()

@@ -38,8 +38,9 @@ def test_run_writes_parquet_that_pandas_reads_with_every_column(tmp_path, moe_be
     assert res.returncode == 0, res.stderr
     run = run_dir(tmp_path)
     rows, loads, meta = load_run(run)
-    # switch sweeps 2 capacity factors, topk is dropless: (2 + 1) x 2 backends.
-    assert len(rows) == 6 and set(rows["status"]) == {"ok"}, rows[["router", "status", "error"]]
+    # The capacity factor applies to every router with a capacity, topk included: 2 x 2 x 2 backends.
+    assert len(rows) == 8 and set(rows["status"]) == {"ok"}, rows[["router", "status", "error"]]
+    assert set(rows.loc[rows.router == "topk", "capacity_factor"]) == {1.0, 2.0}
     assert list(rows.columns) == ROW_SCHEMA.names
     assert rows["config_id"].is_unique
     for col in ("tokens", "experts", "hidden", "repeats", "seed", "capacity"):
@@ -58,11 +59,11 @@ def test_run_writes_parquet_that_pandas_reads_with_every_column(tmp_path, moe_be
     assert sw.loc["einsum", "dispatch_buffer_bytes"] > sw.loc["torch", "dispatch_buffer_bytes"]
     # Loads: requested and kept per expert per batch; kept never exceeds capacity.
     assert set(loads.columns) >= {"config_id", "batch", "expert", "requested", "kept"}
-    assert len(loads) == 6 * 2 * 8
+    assert len(loads) == 8 * 2 * 8
     merged = loads.merge(rows[["config_id", "capacity"]], on="config_id")
     capped = merged.dropna(subset=["capacity"])
     assert (capped["kept"] <= capped["capacity"]).all() and (loads["kept"] <= loads["requested"]).all()
-    assert meta["status"] == "complete" and meta["configurations"] == 6
+    assert meta["status"] == "complete" and meta["configurations"] == 8 and meta["kind"] == "sweep"
     assert (run / "rows.parquet").is_file() and (run / "loads.parquet").is_file()
     assert "tokens_per_s" in res.stdout  # the summary table
 
@@ -108,7 +109,8 @@ def test_failures_become_error_rows_and_the_sweep_goes_on(tmp_path, moe_bench, r
     ok = rows[(rows.router == "switch") & (rows.status == "ok")]
     assert len(ok) == 1 and ok["tokens_per_s"].iloc[0] > 0  # the worker was restarted after the kill
     skipped = rows[rows.status == "skipped"]
-    assert len(skipped) == 1 and "einsum one-hot mask" in skipped["error"].iloc[0]
+    assert len(skipped) == 1 and "einsum dispatch buffers" in skipped["error"].iloc[0]
+    assert "needs about" in skipped["error"].iloc[0] and "bytes" in skipped["error"].iloc[0]
     assert any("trouble.py" in p for p in meta["plugins"])  # the run says which plugins it loaded
 
 
@@ -189,10 +191,10 @@ def test_ctrl_c_leaves_a_consistent_run(tmp_path, run_dir, trouble_plugin, small
     [
         (["--routers", "nope"], "unknown router 'nope'; valid routers:"),
         (["--workloads", "nope"], "unknown workload 'nope'; valid workloads:"),
-        (["--backend", "cuda-magic"], "unknown backend 'cuda-magic'; valid backends:"),
+        (["--backend", "cuda-magic"], "--backend must be one of torch, einsum, triton (got 'cuda-magic')"),
         (["--dtype", "float8"], "--dtype must be one of float32, float16, bfloat16"),
         (["--config", "nope"], "--config must be one of"),
-        (["--routers", "switch", "--top-k", "x"], "expected comma-separated integers"),
+        (["--routers", "switch", "--top-k", "x"], "--top-k expects comma-separated integers"),
     ],
 )
 def test_bad_names_are_refused_before_any_work(tmp_path, args, needle, moe_bench):
@@ -226,7 +228,12 @@ def test_three_shards_merged_equal_the_whole_sweep(tmp_path, moe_bench, run_dir)
         assert res.returncode == 0, res.stderr
     shards = sorted(p for p in (tmp_path / "shards").iterdir())
     sizes = [len(load_run(p)[0]) for p in shards]
-    assert len(shards) == 3 and sum(sizes) == 6 and min(sizes) >= 1
+    assert len(shards) == 3 and sum(sizes) == 8 and min(sizes) >= 1
+    partial = moe_bench("merge", *map(str, shards[:2]), "--out", str(tmp_path / "partial"))
+    assert partial.returncode == 0, partial.stderr
+    _, _, partial_meta = load_run(run_dir(tmp_path / "partial"))
+    assert partial_meta["status"] == "incomplete" and len(partial_meta["missing"]) == sizes[2]
+    assert "missing" in partial.stderr
     res = moe_bench("merge", *map(str, shards), "--out", str(tmp_path / "merged"))
     assert res.returncode == 0, res.stderr
     merged_rows, merged_loads, meta = load_run(run_dir(tmp_path / "merged"))
@@ -234,7 +241,7 @@ def test_three_shards_merged_equal_the_whole_sweep(tmp_path, moe_bench, run_dir)
     key = "config_id"
     a = merged_rows.sort_values(key).reset_index(drop=True)
     b = whole_rows.sort_values(key).reset_index(drop=True)
-    assert list(a[key]) == list(b[key]) and meta["configurations"] == 6 and meta["status"] == "complete"
+    assert list(a[key]) == list(b[key]) and meta["configurations"] == 8 and meta["status"] == "complete"
     for m in METRICS:  # routing is deterministic: the metrics are exactly equal
         pd.testing.assert_series_equal(a[m], b[m], check_names=False)
     assert a["time_total_median"].notna().all() and (a["run_id"] == meta["run_id"]).all()
@@ -255,11 +262,41 @@ def test_routers_with_their_own_gate_run_in_the_sweep(tmp_path, moe_bench, run_d
     # nllb reads hidden states for its level-1 gate: the harness gives the batch the layer's input.
     config = tmp_path / "nllb.toml"
     config.write_text(
-        '[defaults]\nrouters = [{ name = "hierarchical", opts = { form = "nllb" } }]\n'
-        'workloads = ["uniform"]\n'
+        '[defaults]\nrouters = [{ name = "hierarchical", opts = { form = "nllb" } }]\nworkloads = ["uniform"]\n'
     )
     res = moe_bench("run", "--config", str(config), "--out", str(tmp_path / "out"), *small)
     assert res.returncode == 0, res.stderr
     rows, _, _ = load_run(run_dir(tmp_path / "out"))
     assert list(rows["status"]) == ["ok"], rows["error"].tolist()
     assert rows["time_shared_median"].iloc[0] > 0  # the shared FFN ran for every token
+
+
+def test_run_and_route_mean_the_same_capacity_factor(tmp_path, moe_bench, run_dir):
+    # One meaning everywhere: --capacity-factor 1.0 gives topk a capacity in `run` as in `route`,
+    # and on the same batches (no warm-up, the same seed) both drop exactly the same requests.
+    config = tmp_path / "same.toml"
+    config.write_text("[defaults]\nwarmup = 0\nrepeats = 3\n")
+    sizes = ["--tokens", "256", "--experts", "8", "--hidden", "8"]
+    res = moe_bench(
+        "run",
+        "--config",
+        str(config),
+        "--routers",
+        "topk",
+        "--capacity-factor",
+        "1.0",
+        *sizes,
+        "--out",
+        str(tmp_path / "out"),
+    )
+    assert res.returncode == 0, res.stderr
+    rows, _, _ = load_run(run_dir(tmp_path / "out"))
+    routed = moe_bench(
+        "route", "--router", "topk", "-T", "256", "-E", "8", "-B", "3", "--capacity-factor", "1.0", "--format", "json"
+    )
+    assert routed.returncode == 0, routed.stderr
+    out = json.loads(routed.stdout)
+    assert len(rows) == 1 and rows["capacity"].iloc[0] == out["config"]["capacity"] == 64
+    assert rows["drop_rate"].iloc[0] > 0
+    assert rows["drop_rate"].iloc[0] == pytest.approx(out["drop_rate"]["mean"], abs=1e-12)
+    assert rows["imbalance"].iloc[0] == pytest.approx(out["imbalance"]["mean"], abs=1e-12)

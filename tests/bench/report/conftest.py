@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -18,10 +19,11 @@ from moe_routing_bench.bench.record import ROW_SCHEMA, load_run
 REPO = Path(__file__).resolve().parents[3]
 
 # 20 configurations: two T for memory against T, two cf for drops against cf, backward for stages,
-# an expert-choice router for the whole-batch mark and its undefined drop_rate.
+# an expert-choice router for the whole-batch mark and its undefined drop_rate, and a dropless topk
+# (its own option wins over the sweep's capacity factors: it runs once per T and backend).
 TINY = (  # noqa: SIM905  (one readable command line)
-    "--routers switch,topk,expert_choice --workloads uniform --experts 8 --tokens 32,64 --hidden 8 "
-    "--capacity-factor 1.0,2.0 --backend torch,einsum --mode fwd+bwd --repeats 3"
+    "--routers switch,topk[capacity_factor=none],expert_choice --workloads uniform --experts 8 "
+    "--tokens 32,64 --hidden 8 --capacity-factor 1.0,2.0 --backend torch,einsum --mode fwd+bwd --repeats 3"
 ).split()
 
 
@@ -63,6 +65,9 @@ def rewrite_rows(run: Path, edit: Callable[[pd.DataFrame], pd.DataFrame]) -> Non
         rec = {k: (None if _missing(v) else v) for k, v in row.items() if k in ROW_SCHEMA.names}
         table = pa.Table.from_pylist([rec], schema=ROW_SCHEMA)
         pq.write_table(table, run / "rows" / f"{row['config_id']}.parquet")
+    meta = json.loads((run / "meta.json").read_text())
+    meta["config_ids"] = [str(c) for c in new["config_id"]]  # the run's own configurations
+    (run / "meta.json").write_text(json.dumps(meta))
 
 
 def _missing(v: object) -> bool:

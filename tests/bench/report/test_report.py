@@ -28,6 +28,7 @@ from moe_routing_bench.bench.metrics import METRICS
 from moe_routing_bench.bench.record import _MEASURE_COLUMNS, _METRIC_COLUMNS
 from moe_routing_bench.bench.report import figures_cost as F
 from moe_routing_bench.bench.report import figures_routing as R
+from moe_routing_bench.bench.report import style as S
 from moe_routing_bench.bench.report.build import (
     GLOSSARY,
     Report,
@@ -210,7 +211,7 @@ def test_report_draws_every_figure_with_data(cli_report):
 def test_figure_tables_hold_the_numbers(run):
     data = load_runs([run])
     fo = F.throughput(data)
-    assert isinstance(fo, F.FigureOut)
+    assert isinstance(fo, S.FigureOut)
     t = fo.table
     assert set(t["mode"]) == {"fwd+bwd"}
     assert (t["tokens_per_s_at_p80_time"] <= t["tokens_per_s"] + 1e-9).all()
@@ -235,10 +236,10 @@ def test_figures_without_data_are_left_out(run):
     fwd.reference = reference_values(fwd.ok)
     fo = F.stages(fwd)
     assert "time_backward_median" not in fo.table.columns  # no backward measured, no bar
-    assert isinstance(F.memory(only(lambda d: d["tokens"] == 64)), F.LeftOut)  # one T: no memory-vs-T
-    assert isinstance(R.drop_vs_capacity(only(lambda d: d["router"] == "topk")), F.LeftOut)  # dropless
-    assert isinstance(R.drops_breakdown(dataclasses.replace(data, breakdown=None)), F.LeftOut)
-    assert isinstance(R.layer_loads(data), F.LeftOut)
+    assert isinstance(F.memory(only(lambda d: d["tokens"] == 64)), S.LeftOut)  # one T: no memory-vs-T
+    assert isinstance(R.drop_vs_capacity(only(lambda d: d["router"] == "topk")), S.LeftOut)  # dropless
+    assert isinstance(R.drops_breakdown(dataclasses.replace(data, breakdown=None)), S.LeftOut)
+    assert isinstance(R.layer_loads(data), S.LeftOut)
 
 
 def test_hostile_strings_are_escaped(hostile_report):
@@ -272,9 +273,7 @@ def test_error_and_skipped_rows_are_listed_not_drawn(hostile_report):
     assert "skipper" in md.split("## Excluded", 1)[1]
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (CI installs it: apt-get install chromium)"
-)
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (CI installs it: apt-get install chromium)")
 def test_page_renders_in_headless_chromium(hostile_report, tmp_path):
     url = (hostile_report / "report.html").resolve().as_uri()
     shot = tmp_path / "page.png"
@@ -337,12 +336,12 @@ def test_breakdown_drift_and_layer_figures(run, tmp_path, clone):
     layered.to_parquet(dst / "loads" / f"{layer_cid}.parquet")
 
     data = load_runs([dst])
-    with F.figure_style():
+    with S.figure_style():
         drift, bdf, layer = R.load_drift(data), R.drops_breakdown(data), R.layer_loads(data)
     for fo in (drift, bdf, layer):
-        assert isinstance(fo, F.FigureOut), fo
+        assert isinstance(fo, S.FigureOut), fo
         png = tmp_path / f"{fo.name}.png"
-        fo.fig.savefig(png, dpi=F.DPI)
+        fo.fig.savefig(png, dpi=S.DPI)
         _assert_real_image(png)
     assert drift.table["config_id"].tolist() == [drift_cid]
     freq = bdf.table[bdf.table["kind"] == "frequency"]

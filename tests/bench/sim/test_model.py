@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 import torch
 from click.testing import CliRunner
 
 from moe_routing_bench.bench.cli import main
-from moe_routing_bench.bench.cli.sim import SIM_SCHEMA, load_sim
 from moe_routing_bench.bench.placement import contiguous, device_loads, greedy, make_placement, round_robin
 from moe_routing_bench.bench.sim.model import (
     Hardware,
@@ -23,6 +21,7 @@ from moe_routing_bench.bench.sim.model import (
     traffic_matrix,
     traffic_pairs,
 )
+from moe_routing_bench.bench.sim.runner import SIM_SCHEMA, load_sim
 from moe_routing_bench.kernels.dispatch import make_dispatch
 
 # Hand-written plans of 4 devices (T = 4 tokens each) over 8 experts, capacity C = 2.
@@ -56,9 +55,7 @@ def _hand_kept() -> torch.Tensor:
     return torch.stack(kept)
 
 
-HW = Hardware(
-    intra_bw=1.0, intra_lat=1.0, inter_bw=0.5, inter_lat=2.0, flops=1.0, mem_bw=1.0, devices_per_node=2
-)
+HW = Hardware(intra_bw=1.0, intra_lat=1.0, inter_bw=0.5, inter_lat=2.0, flops=1.0, mem_bw=1.0, devices_per_node=2)
 
 
 def test_traffic_matrix_equals_hand_computed():
@@ -94,9 +91,7 @@ def test_step_roofline_and_totals_on_hand_plans():
     assert out["compute_max_s"] == pytest.approx(6 * 5 * hidden * ffn / 1000)
     assert out["a2a_dispatch_s"] == pytest.approx(2 * (2e-6 + 32 / 0.5e9))
     assert out["a2a_combine_s"] == pytest.approx(out["a2a_dispatch_s"])  # the transpose, same model
-    assert out["step_time_s"] == pytest.approx(
-        out["a2a_dispatch_s"] + out["compute_max_s"] + out["a2a_combine_s"]
-    )
+    assert out["step_time_s"] == pytest.approx(out["a2a_dispatch_s"] + out["compute_max_s"] + out["a2a_combine_s"])
     # off-diagonal rows: 9 in all, 6 of them between nodes; both exchanges count
     assert out["bytes_total"] == 2 * 9 * ROW_BYTES and out["bytes_inter_node"] == 2 * 6 * ROW_BYTES
     assert out["nodes"] == 2 and out["ep_size"] == 4
@@ -178,18 +173,15 @@ def _cli(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-def test_simulate_4096_devices_in_seconds():
-    t0 = time.perf_counter()
+def test_simulate_4096_devices():
     res = _cli("simulate", "--devices", "64,4096", "--experts", "256", "--tokens", "512", "--plans", "8",
                "--router", "topk", "--no-save", "--format", "json")  # fmt: skip
-    seconds = time.perf_counter() - t0
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["rows"]
     assert [r["devices"] for r in rows] == [64, 4096]
     big = rows[1]
     assert big["ep_size"] == 256 and big["nodes"] == 512
     assert big["step_time_s"] > 0 and big["straggler"] >= 1.0 and big["bytes_inter_node"] > 0
-    assert seconds < 10, f"4096-device simulation took {seconds:.1f} s"
 
 
 def test_simulate_writes_sim_table_and_figures(tmp_path):
@@ -203,11 +195,26 @@ def test_simulate_writes_sim_table_and_figures(tmp_path):
     assert list(df.columns) == SIM_SCHEMA.names and len(df) == 2 * 3 * 2
     assert df["step_time_s"].gt(0).all() and df["straggler"].ge(1.0).all()
     assert json.loads((run_dir / "meta.json").read_text())["kind"] == "simulate"
-    from moe_routing_bench.bench.report.figures_sim import sim_figures
-
-    paths = sim_figures(df, tmp_path / "fig")
+    # `moe-bench report` draws a simulate run like any other kind.
+    rep = _cli("report", str(run_dir), "--out", str(tmp_path / "report"))
+    assert rep.exit_code == 0, rep.output
+    paths = sorted((tmp_path / "report").glob("*.png"))
     assert [p.name for p in paths] == ["sim_step_time.png", "sim_straggler.png"]
     assert all(p.stat().st_size > 1000 for p in paths)
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "Simulated expert-parallel step" in html and "straggler" in html
+
+
+def test_simulate_takes_workload_options():
+    # --workload-opt reaches the workload (it was dropped before): a steeper zipf is less balanced.
+    common = ["simulate", "--devices", "8", "--experts", "16", "--tokens", "1024", "--plans", "2", "--no-save"]
+    loads = {}
+    for s in ("0.5", "2.0"):
+        res = _cli(*common, "--workload", "zipf", "--workload-opt", f"s={s}", "--format", "json")
+        assert res.exit_code == 0, res.output
+        loads[s] = json.loads(res.stdout)["rows"][0]["load_ratio"]
+    same = _cli(*common, "--workload", "zipf[s=2.0]", "--format", "json")
+    assert json.loads(same.stdout)["rows"][0]["load_ratio"] == loads["2.0"] > loads["0.5"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,182 @@
+"""Every flag two or more commands share, defined once, and the one-line error handling.
+
+A flag's meaning lives in the library (``bench.spec`` for router and workload names, options and
+the capacity factor); here it is only declared. Commands read the parsed values and hand them to
+one library function each.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+
+from moe_routing_bench.bench.spec import (
+    CapacityFactor,
+    Notes,
+    Spec,
+    add_router_opts,
+    key_value_pairs,
+    parse_capacity_factor,
+    parse_specs,
+)
+from moe_routing_bench.routers.contract import RoutingError
+from moe_routing_bench.routers.registry import router_names
+from moe_routing_bench.workloads.registry import load_plugin
+
+ERROR_EXIT = 2  # bad input: one line on stderr naming the parameter, no traceback
+DEFAULT_OUT = Path("results")
+
+
+class MoeBenchGroup(click.Group):
+    """Bad input becomes one line naming the parameter, exit status 2, no traceback; warnings
+    from the library are one line each on stderr."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = _warn_line  # one line on stderr, no source excerpt
+            try:
+                return super().invoke(ctx)
+            except (RoutingError, ValueError) as exc:
+                click.echo(f"moe-bench: error: {exc}", err=True)
+                ctx.exit(ERROR_EXIT)
+
+
+def _warn_line(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"moe-bench: warning: {message}", err=True)
+
+
+def notes() -> Notes:
+    """Notes said once on stderr (a flag a router ignores)."""
+    return Notes(sink=lambda m: click.echo(f"moe-bench: note: {m}", err=True))
+
+
+def load_plugins(paths: tuple[str, ...]) -> list[str]:
+    """Execute each plugin file once (it may register routers, workloads or both); returns the
+    absolute paths, which runs record so that ``--resume`` from elsewhere finds them."""
+    out = []
+    for path in paths:
+        load_plugin(path)
+        out.append(str(Path(path).resolve()))
+    return out
+
+
+def _compose(*decorators: Callable) -> Callable:
+    def apply(fn: Callable) -> Callable:
+        for deco in reversed(decorators):
+            fn = deco(fn)
+        return fn
+
+    return apply
+
+
+plugin = click.option(
+    "--plugin",
+    "plugins",
+    multiple=True,
+    metavar="FILE.py",
+    help="Load routers and workloads from a Python file (repeatable).",
+)
+router_opt = click.option(
+    "--router-opt",
+    "router_opts",
+    multiple=True,
+    metavar="[ROUTER.]KEY=VALUE",
+    help="A router config field: every selected router that has it, or ROUTER's only.",
+)
+workload_opt = click.option(
+    "--workload-opt",
+    "workload_opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A workload config field, e.g. s=1.2, lang=de, path=trace.parquet.",
+)
+capacity_factor = click.option(
+    "--capacity-factor",
+    "cf_text",
+    default=None,
+    metavar="CF",
+    help="Capacity factor for every router with a capacity: a number, 'none' (dropless) or "
+    "'default' (each router's own, the default).",
+)
+top_k = click.option(
+    "--top-k", "-K", "top_k", type=int, default=None, help="Choices per token K where a router's K is free."
+)
+seed = click.option("--seed", type=int, default=0, show_default=True)
+device = click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+output_format = click.option(
+    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
+)
+out_dir = click.option("--out", "out_dir", type=click.Path(path_type=Path), default=DEFAULT_OUT, show_default=True)
+
+
+def router_choice(default: str | None = None) -> Callable:
+    """``--router NAME[k=v,...],...`` (``all``: every registered router); required without a default."""
+    return click.option(
+        "--router",
+        "router_text",
+        default=default,
+        required=default is None,
+        show_default=default is not None,
+        help="Router(s): name or name[key=value,...], comma-separated, or 'all'.",
+    )
+
+
+def workload_choice(default: str = "uniform") -> Callable:
+    """``--workload NAME[k=v,...]`` (a comma list where a command takes several) and
+    ``--workload-opt``; the command receives ``workloads``: the specs, options applied."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, workload_text: str, workload_opts: tuple[str, ...], **kw: Any) -> Any:
+            extra = key_value_pairs(workload_opts, "--workload-opt")
+            specs = [s.with_options(extra) for s in parse_specs(workload_text, "--workload")]
+            return fn(*args, workloads=specs, **kw)
+
+        return _compose(
+            click.option(
+                "--workload",
+                "workload_text",
+                default=default,
+                show_default=True,
+                help="Workload(s): name or name[key=value,...] (`moe-bench list workloads`).",
+            ),
+            workload_opt,
+        )(wrapper)
+
+    return deco
+
+
+@dataclass
+class RoutingFlags:
+    """The flags every command that routes shares, parsed once (plugins already loaded)."""
+
+    router_opts: tuple[str, ...]
+    top_k: int | None
+    capacity_factor: CapacityFactor
+    seed: int
+    plugin_paths: list[str]
+    notes: Notes
+
+    def routers(self, text: str) -> list[Spec]:
+        """``--router`` specs (``all``: every registered router) with ``--router-opt`` applied."""
+        return add_router_opts(self.router_opts, parse_specs(text, "--router", router_names))
+
+
+def routing_flags(fn: Callable) -> Callable:
+    """``--router-opt``, ``--top-k``, ``--capacity-factor``, ``--seed``, ``--plugin``: the command
+    receives ``flags``, a :class:`RoutingFlags` (plugins are loaded before anything is parsed)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, router_opts, top_k, cf_text, seed, plugins, **kw: Any) -> Any:
+        plugin_paths = load_plugins(plugins)
+        flags = RoutingFlags(router_opts, top_k, parse_capacity_factor(cf_text), seed, plugin_paths, notes())
+        return fn(*args, flags=flags, **kw)
+
+    return _compose(router_opt, top_k, capacity_factor, seed, plugin)(wrapper)

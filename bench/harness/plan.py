@@ -1,0 +1,83 @@
+"""Planning a sweep before any work: which configurations cannot run here, and which shard is ours.
+
+A configuration that cannot fit the memory budget, or whose backend cannot run on this device, is
+refused up front as a ``status=skipped`` row with the reason and the bytes it needs; it never
+starts a worker. The memory check uses each backend's own upper bound (``Backend.planned_bytes``)
+plus the expert weights, so the einsum mask at large T is refused before it is allocated.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moe_routing_bench.bench.harness.sweep import Point
+from moe_routing_bench.bench.timing import element_size, resolve_device
+from moe_routing_bench.kernels.experts import ffn_width
+from moe_routing_bench.kernels.layer import get_backend
+from moe_routing_bench.routers.contract import RoutingError
+from moe_routing_bench.routers.registry import build_router
+
+BUDGET_ENV = "MOE_BENCH_MEMORY_BUDGET"
+
+
+def memory_budget_bytes(device: str) -> int:
+    """What one configuration may plan to allocate: 80% of GPU memory, or half the free RAM.
+    MOE_BENCH_MEMORY_BUDGET (bytes) overrides it."""
+    if os.environ.get(BUDGET_ENV):
+        try:
+            return int(float(os.environ[BUDGET_ENV]))
+        except ValueError:
+            raise RoutingError(f"{BUDGET_ENV} must be a number of bytes (got {os.environ[BUDGET_ENV]!r})") from None
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        return int(0.8 * torch.cuda.get_device_properties(dev).total_memory)
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
+        return info.get("MemAvailable", 8 << 30) // 2
+    except OSError:
+        return 8 << 30
+
+
+def planned_bytes(point: Point) -> int:
+    """An upper bound of what one configuration allocates: the dispatch buffers its backend plans
+    (the einsum mask included), the expert weights (and their gradients in fwd+bwd), the hidden
+    states and the layer's output."""
+    router = build_router(point.router, **point.router_options())
+    elt = element_size(point.dtype)
+    cap = router.config.capacity_for(point.tokens)
+    k = float(router.config.top_k)
+    buffers = get_backend(point.backend).planned_bytes(point.tokens, point.experts, k, cap, point.hidden, elt)
+    ffn = ffn_width(point.hidden, point.ffn_ratio)
+    weights = 3 * (point.experts + 1) * point.hidden * ffn * elt  # SwiGLU experts and the shared one
+    grads = weights if point.mode == "fwd+bwd" else 0
+    activations = 2 * buffers + 2 * point.tokens * point.hidden * elt
+    return buffers + weights + grads + activations
+
+
+def skip_reason(point: Point, budget: int) -> str | None:
+    """Why a configuration cannot run here (said in its skipped row), or None."""
+    why = get_backend(point.backend).unavailable(resolve_device(point.device))
+    if why is not None:
+        return why
+    need = planned_bytes(point)
+    if need > budget:
+        return (
+            f"needs about {need / 2**30:.2f} GiB ({need:,} bytes: {point.backend} dispatch buffers, expert "
+            f"weights, activations) > budget {budget / 2**30:.2f} GiB ({BUDGET_ENV} overrides)"
+        )
+    return None
+
+
+def select_shard(points: list[Point], spec: str) -> list[Point]:
+    """The deterministic 1/N of a sweep: points whose index (in expansion order) is I mod N."""
+    i_text, sep, n_text = spec.partition("/")
+    try:
+        i, n = int(i_text), int(n_text)
+    except ValueError:
+        i, n = -1, 0
+    if not sep or n < 1 or not 0 <= i < n:
+        raise RoutingError(f"--shard must look like I/N with 0 <= I < N (got {spec!r})")
+    return [p for p in points if p.index % n == i]
