@@ -79,7 +79,7 @@ bench-route: setup
 # Dispatch-kernel microbenchmarks on this machine's device (pytest-benchmark; not part of `make test`).
 bench-kernels: setup
 	@mkdir -p results/kernels
-	$(PYTEST) bench/bench_kernels.py -p no:cacheprovider -rP --benchmark-enable --benchmark-columns=median,iqr,rounds \
+	$(PYTEST) bench/microbench/bench_kernels.py -p no:cacheprovider -rP --benchmark-enable --benchmark-columns=median,iqr,rounds \
 	  --benchmark-json=results/kernels/$$(date +%Y%m%d-%H%M%S).json $(ARGS)
 
 # The one prepared GPU check (tests/gpu, then the permute/combine bandwidth benchmark), for a GPU

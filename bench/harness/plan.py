@@ -42,9 +42,9 @@ def memory_budget_bytes(device: str) -> int:
 
 
 def planned_bytes(point: Point) -> int:
-    """An upper bound of what one configuration allocates: the dispatch buffers its backend plans
-    (the einsum mask included), the expert weights (and their gradients in fwd+bwd), the hidden
-    states and the layer's output."""
+    """What one configuration allocates at least: the dispatch buffers its backend plans (the
+    einsum mask included, at the largest C a dropless plan can have), the expert weights (and
+    their gradients in fwd+bwd), the layer's input and output."""
     router = build_router(point.router, **point.router_options())
     elt = element_size(point.dtype)
     cap = router.config.capacity_for(point.tokens)
@@ -53,8 +53,8 @@ def planned_bytes(point: Point) -> int:
     ffn = ffn_width(point.hidden, point.ffn_ratio)
     weights = 3 * (point.experts + 1) * point.hidden * ffn * elt  # SwiGLU experts and the shared one
     grads = weights if point.mode == "fwd+bwd" else 0
-    activations = 2 * buffers + 2 * point.tokens * point.hidden * elt
-    return buffers + weights + grads + activations
+    hidden_states = 2 * point.tokens * point.hidden * elt  # the layer's input and output
+    return buffers + weights + grads + hidden_states
 
 
 def skip_reason(point: Point, budget: int) -> str | None:
@@ -66,7 +66,7 @@ def skip_reason(point: Point, budget: int) -> str | None:
     if need > budget:
         return (
             f"needs about {need / 2**30:.2f} GiB ({need:,} bytes: {point.backend} dispatch buffers, expert "
-            f"weights, activations) > budget {budget / 2**30:.2f} GiB ({BUDGET_ENV} overrides)"
+            f"weights, hidden states) > budget {budget / 2**30:.2f} GiB ({BUDGET_ENV} overrides)"
         )
     return None
 
