@@ -14,21 +14,20 @@
   those tokens), ``drop_rate`` = 1 - kept / requested (NaN for routers that choose tokens per
   expert), ``tokens_dropped_frac`` = share of the bucket's tokens left with no expert.
 
-The routing is a second pass with a fresh router built from the measured run's config (fitted on
-the same fit slice), so the timing of the main pass is not disturbed; routers are deterministic,
-so the plans are the same.
+The counts come from the measured pass's own plans (``DropSplit.add`` after each routed batch), so
+the breakdown and the run's drop rate are one measurement.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from moe_routing_bench.kernels.positions import kept_mask, positions
-from moe_routing_bench.routers.contract import Batch, Router
+from moe_routing_bench.routers.contract import Batch, Plan
 
 FREQ_BUCKETS = ("frequent", "middle", "rare")
 POS_BUCKETS = ("q1", "q2", "q3", "q4")
@@ -91,34 +90,39 @@ class _Counts:
         return out
 
 
-def breakdown(
-    router: Router,
-    make_batches: Callable[[], Iterable[Batch]],
-    fit_sample: Batch | None = None,
-) -> dict[str, Any]:
-    """Route the batches again with a fresh copy of ``router`` and split drops by bucket."""
-    ids_U, bucket_U = frequency_table(make_batches())
-    fresh = type(router)(router.config)
-    if fit_sample is not None:
-        fresh.fit(fit_sample)
-    freq, pos = _Counts(len(FREQ_BUCKETS)), _Counts(len(POS_BUCKETS))
-    whole_batch = False
-    with torch.inference_mode():
-        for batch in make_batches():
-            plan = fresh.route(batch)
-            whole_batch = whole_batch or plan.looks_at_whole_batch
-            token_R = plan.token_R.detach().cpu()
+class DropSplit:
+    """Drops by token-frequency bucket and by position, accumulated over the plans of a run as it
+    routes them: the measured pass's own plans, never a second routing pass (random routing, bias
+    balancing and anything stateful would route differently the second time).
+
+    batches: every batch the plans will come from (their token ids set the frequency buckets).
+    """
+
+    def __init__(self, batches: Iterable[Batch]) -> None:
+        self.ids_U, self.bucket_U = frequency_table(batches)
+        self.freq, self.pos = _Counts(len(FREQ_BUCKETS)), _Counts(len(POS_BUCKETS))
+        self.whole_batch = False
+
+    def add(self, batch: Batch, plan: Plan, kept_R: torch.Tensor | None = None) -> None:
+        """Count one routed batch. kept_R: the plan's kept mask (its Dispatch's ``kept_R``);
+        computed here when not given and the plan has a capacity."""
+        self.whole_batch = self.whole_batch or plan.looks_at_whole_batch
+        token_R = plan.token_R.detach().cpu()
+        if plan.capacity is None:
             kept_R = None
-            if plan.capacity is not None:
-                rank_R, _ = positions(plan.expert_R, plan.num_experts)
-                kept_R = kept_mask(rank_R, plan.capacity).cpu()
-            served_T = torch.zeros(plan.num_tokens, dtype=torch.bool)
-            served_T[token_R if kept_R is None else token_R[kept_R]] = True
-            tok_T = batch.token_T.detach().cpu()
-            freq.add(bucket_U[torch.searchsorted(ids_U, tok_T)], served_T, token_R, kept_R)
-            pos.add(position_quartile(batch.seq_T, plan.num_tokens), served_T, token_R, kept_R)
-            fresh.update(plan)
-    return {
-        "token_frequency": freq.table(FREQ_BUCKETS, whole_batch),
-        "position": pos.table(POS_BUCKETS, whole_batch),
-    }
+        elif kept_R is None:
+            rank_R, _ = positions(plan.expert_R, plan.num_experts)
+            kept_R = kept_mask(rank_R, plan.capacity)
+        kept_R = None if kept_R is None else kept_R.detach().cpu()
+        served_T = torch.zeros(plan.num_tokens, dtype=torch.bool)
+        served_T[token_R if kept_R is None else token_R[kept_R]] = True
+        tok_T = batch.token_T.detach().cpu()
+        self.freq.add(self.bucket_U[torch.searchsorted(self.ids_U, tok_T)], served_T, token_R, kept_R)
+        self.pos.add(position_quartile(batch.seq_T, plan.num_tokens), served_T, token_R, kept_R)
+
+    def table(self) -> dict[str, Any]:
+        """{'token_frequency': {bucket: row}, 'position': {bucket: row}} (see the module docstring)."""
+        return {
+            "token_frequency": self.freq.table(FREQ_BUCKETS, self.whole_batch),
+            "position": self.pos.table(POS_BUCKETS, self.whole_batch),
+        }

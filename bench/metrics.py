@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moe_routing_bench.kernels.dispatch import Dispatch
 from moe_routing_bench.kernels.positions import kept_mask, positions
 from moe_routing_bench.routers.contract import Plan
 
@@ -48,19 +49,27 @@ class BatchLoads:
     kept_E: torch.Tensor
 
 
-def batch_metrics(plan: Plan, rank_R: torch.Tensor | None = None) -> tuple[dict[str, float], BatchLoads]:
+def batch_metrics(
+    plan: Plan, rank_R: torch.Tensor | None = None, dispatch: Dispatch | None = None
+) -> tuple[dict[str, float], BatchLoads]:
     """All routing metrics of one batch.
 
-    rank_R: the ``positions`` result for this plan; computed here when not given. A dropless plan
-    needs no ranks (everything is kept), so none are computed for it.
+    dispatch: the plan's ``Dispatch`` when the layer already built it (one ``positions`` per
+    batch: its kept mask and loads are read, nothing is ranked again). rank_R: the ``positions``
+    result, when only that exists. Without either, ranks are computed here; a dropless plan needs
+    none (everything is kept).
     """
     e, t = plan.num_experts, plan.num_tokens
     expert_R = plan.expert_R
-    requested_E = torch.bincount(expert_R, minlength=e)
-    if plan.capacity is None:
+    if dispatch is not None:
+        requested_E, kept_E = dispatch.requested_E, dispatch.counts_E
+        kept_R = None if plan.capacity is None else dispatch.kept_R
+    elif plan.capacity is None:
+        requested_E = torch.bincount(expert_R, minlength=e)
         kept_R = None
         kept_E = requested_E
     else:
+        requested_E = torch.bincount(expert_R, minlength=e)
         if rank_R is None:
             rank_R, _ = positions(expert_R, e)
         kept_R = kept_mask(rank_R, plan.capacity)

@@ -41,7 +41,10 @@ from moe_routing_bench.routers.contract import RoutingError
 # package's folder (site-packages/moe_routing_bench).
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
-STAGES = ("route", "dispatch", "experts", "combine", "shared", "backward", "total")
+# Timed stages of one step; "other" is total minus the stages before it (the step's time that no
+# stage accounts for: Python between stages, the autograd engine's own work, allocation).
+STAGES = ("route", "dispatch", "experts", "combine", "shared", "backward", "other", "total")
+TIMED_STAGES = STAGES[:6]
 
 # The header every table of every kind of run starts with: which run, which configuration, when,
 # which harness (commit), which machine and versions, the seed and the full config as JSON.
@@ -78,6 +81,10 @@ _CONFIG_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("mode", pa.string()),
     ("repeats", pa.int64()),
     ("looks_at_whole_batch", pa.bool_()),
+    ("model", pa.string()),
+    ("ffn_kind", pa.string()),
+    ("shared_ffn", pa.int64()),
+    ("reuse_buffers", pa.bool_()),
 ]
 _MEASURE_COLUMNS: list[tuple[str, pa.DataType]] = [
     *[(f"time_{s}_{q}", pa.float64()) for s in STAGES for q in ("median", "p20", "p80")],
@@ -94,6 +101,8 @@ _MEASURE_COLUMNS: list[tuple[str, pa.DataType]] = [
     ("permute_copy_ratio", pa.float64()),
     ("combine_copy_ratio", pa.float64()),
     ("expert_tflops", pa.float64()),
+    ("expert_path", pa.string()),
+    ("workspace_bytes", pa.float64()),
 ]
 _METRIC_COLUMNS: list[tuple[str, pa.DataType]] = [
     col for m in METRICS for col in ((m, pa.float64()), (f"{m}_se", pa.float64()))

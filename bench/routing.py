@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 
-from moe_routing_bench.bench.breakdown import breakdown
+from moe_routing_bench.bench.breakdown import DropSplit
 from moe_routing_bench.bench.metrics import BatchLoads, aggregate, batch_metrics
 from moe_routing_bench.bench.spec import DEFAULT, CapacityFactor, Notes, Spec, router_options
 from moe_routing_bench.bench.timing import stopwatch
-from moe_routing_bench.kernels.positions import positions
+from moe_routing_bench.kernels.positions import kept_mask, positions
 from moe_routing_bench.routers.contract import Batch, Router, RoutingError
 from moe_routing_bench.routers.registry import build_router
 from moe_routing_bench.workloads.base import Workload
@@ -58,12 +58,17 @@ def wants_fit(router: Router) -> bool:
 
 
 def route_batches(
-    router: Router, batches, device: str | torch.device = "cpu", fit_sample: Batch | None = None
+    router: Router,
+    batches,
+    device: str | torch.device = "cpu",
+    fit_sample: Batch | None = None,
+    split: DropSplit | None = None,
 ) -> RouteResult:
     """Route every batch, calling ``update`` after each one.
 
     fit_sample: a batch from a separate slice of the stream, never one of the measured batches;
-    given to ``router.fit`` first (untimed) when the router learns from data.
+    given to ``router.fit`` first (untimed) when the router learns from data. split: drops by
+    bucket, counted from these very plans (untimed).
     """
     if fit_sample is not None:
         router.fit(fit_sample)
@@ -80,6 +85,8 @@ def route_batches(
                 rank_R = None if plan.capacity is None else positions(plan.expert_R, plan.num_experts)[0]
                 metrics, load = batch_metrics(plan, rank_R)
                 router.update(plan)
+            if split is not None:
+                split.add(batch, plan, None if rank_R is None else kept_mask(rank_R, plan.capacity))
             per_batch.append(metrics)
             loads.append(load)
             tokens += plan.num_tokens
@@ -97,21 +104,23 @@ def find_target_drop(
     target: float,
     device: str | torch.device = "cpu",
     fit_sample: Batch | None = None,
+    split: DropSplit | None = None,
 ) -> tuple[int, Fraction, RouteResult]:
     """Smallest capacity C (and the capacity factor that gives exactly C) whose mean drop rate
     over the batches is at most ``target``. Binary search over integer C: the drop rate of a
-    token-choice router never rises as C grows. Returns (C, cf, result at C)."""
+    token-choice router never rises as C grows. Returns (C, cf, result at C); ``split`` counts the
+    drops of the result's own plans."""
     if not (0.0 <= target < 1.0):
         raise RoutingError(f"--target-drop must be in [0, 1) (got {target})")
     probe = build_router(router_name, **options)
     num_experts = probe.config.num_experts
     k = Fraction(str(probe.config.top_k))
 
-    def run_at(c: int) -> RouteResult:
+    def run_at(c: int, split: DropSplit | None = None) -> RouteResult:
         # Any cf in ((C - 1) E / (K T), C E / (K T)] gives C; the upper end is exact.
         cf = Fraction(c * num_experts) / (k * num_tokens)
         router = build_router(router_name, **{**options, "capacity_factor": cf})
-        return route_batches(router, make_batches(), device, fit_sample)
+        return route_batches(router, make_batches(), device, fit_sample, split)
 
     first = run_at(num_tokens)
     if first.capacity is None:
@@ -126,8 +135,8 @@ def find_target_drop(
             hi, best = mid, res
         else:
             lo = mid + 1
-    if best.capacity != lo:
-        best = run_at(lo)
+    if best.capacity != lo or split is not None:
+        best = run_at(lo, split)
     return lo, Fraction(lo * num_experts) / (k * num_tokens), best
 
 
@@ -204,14 +213,15 @@ def route_specs(
     report = RouteReport(workload, tokens, num_experts, batches, seed, device, {})
     for spec in specs:
         label, router = spec.label, routers[spec.label]
+        split = DropSplit(make_batches()) if with_breakdown else None
         if target_drop is not None:
             c, cf, res = find_target_drop(
-                spec.name, options[label], make_batches, tokens, target_drop, device, fit_slice(router)
+                spec.name, options[label], make_batches, tokens, target_drop, device, fit_slice(router), split
             )
             report.extra[label] = {"target_drop": target_drop, "capacity": c, "capacity_factor": float(cf)}
         else:
-            res = route_batches(router, make_batches(), device, fit_slice(router))
+            res = route_batches(router, make_batches(), device, fit_slice(router), split)
         report.results[label] = res
-        if with_breakdown:
-            report.splits[label] = breakdown(res.router, make_batches, fit_slice(res.router))
+        if split is not None:
+            report.splits[label] = split.table()
     return report

@@ -39,6 +39,8 @@ class Backend:
     planned_bytes(tokens, experts, top_k, capacity, hidden, element_size): an upper bound of those
     bytes before any plan exists (None capacity: dropless), so a sweep can refuse what cannot fit.
     unavailable(device): why it cannot run on ``device`` in this process, or None when it can.
+    positions: the positions op its dispatch is built with (None: torch's).
+    permute_into / combine_into: forward-only variants writing into a ``Workspace`` (None: none).
     """
 
     name: str
@@ -49,6 +51,12 @@ class Backend:
     buffer_bytes: Callable[[Dispatch, int, torch.dtype, str], int]
     planned_bytes: Callable[[int, int, float, int | None, int, int], int] = index_planned_bytes
     unavailable: Callable[[torch.device], str | None] = _always
+    # The rank of each request inside its expert (``kernels.positions.positions``'s contract);
+    # None: the torch one. The triton backend builds its dispatch with its own kernel.
+    positions: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    # Forward-only variants writing into a Workspace's reused buffers; None: not supported.
+    permute_into: Callable[..., torch.Tensor] | None = None
+    combine_into: Callable[..., torch.Tensor] | None = None
 
     @property
     def default_layout(self) -> str:

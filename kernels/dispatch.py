@@ -18,6 +18,7 @@ Shape letters: T tokens, D hidden, E experts, C capacity, R requested, N kept.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ import torch
 from .positions import positions
 
 LAYOUTS = ("compact", "padded")
+PositionsFn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,16 +134,20 @@ def make_dispatch(
     num_tokens: int,
     num_experts: int,
     capacity: int | None,
+    *,
+    positions_fn: PositionsFn | None = None,
 ) -> Dispatch:
     """Apply capacity to a plan and lay out its kept rows.
 
     token_R, expert_R: [R] int64 requested assignments in priority order (earlier wins a slot).
     weight_R: [R] float gate weights (float32 by contract), differentiable.
     num_tokens: T; num_experts: E; capacity: C >= 1, or None for a dropless plan.
+    positions_fn: the positions op (``positions``'s contract); None is the torch one. A backend
+    passes its own (the triton backend, its kernel): every implementation gives the same ranks.
     Returns a ``Dispatch``; raises ValueError naming the offending argument.
     """
     _check_plan(token_R, expert_R, weight_R, num_tokens, num_experts, capacity)
-    rank_R, requested_E = positions(expert_R, num_experts)
+    rank_R, requested_E = (positions_fn or positions)(expert_R, num_experts)
     device = token_R.device
     if capacity is None:
         kept_R = torch.ones_like(rank_R, dtype=torch.bool)

@@ -21,8 +21,9 @@ import torch
 
 from . import einsum_backend, torch_backend, triton_backend
 from .backend import Backend
-from .dispatch import Dispatch
+from .dispatch import Dispatch, make_dispatch
 from .experts import ExpertFFN
+from .workspace import Workspace
 
 STAGES = ("dispatch", "experts", "combine")
 
@@ -81,6 +82,7 @@ def moe_forward(
     backend: str = "torch",
     layout: str | None = None,
     stage_hook: StageHook | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Run one MoE layer over a dispatched plan.
 
@@ -89,6 +91,8 @@ def moe_forward(
     preferred layout (compact for torch and triton, padded for einsum, which supports nothing
     else). 'triton' needs a CUDA device (or TRITON_INTERPRET=1 on CPU): ``resolve_backend``.
     stage_hook: called with each stage name; the returned context manager wraps that stage.
+    workspace: reuse permute's and combine's buffers from step to step (forward only, for a
+    backend that supports it: ``Backend.permute_into``); None allocates fresh ones every call.
 
     Returns (out_TD [T, D] in x's dtype, stage outputs ``{'dispatch': permuted buffer,
     'experts': expert output buffer, 'combine': out_TD}``) so a benchmark can count the bytes
@@ -100,19 +104,43 @@ def moe_forward(
         raise ValueError(
             f"x_TD must be [T, D] with T={d.num_tokens}, D={ffn.hidden} (got {getattr(x_TD, 'shape', x_TD)})"
         )
-    if x_TD.dtype != ffn.w_gate.dtype or x_TD.device != ffn.w_gate.device:
+    if x_TD.dtype != ffn.dtype or x_TD.device != ffn.device:
         raise ValueError(
             f"x_TD dtype/device {x_TD.dtype}/{x_TD.device} differs from the experts' "
-            f"{ffn.w_gate.dtype}/{ffn.w_gate.device} (cast with ffn.to(...))"
+            f"{ffn.dtype}/{ffn.device} (cast with ffn.to(...))"
         )
     if ffn.num_experts != d.num_experts:
         raise ValueError(f"ffn has {ffn.num_experts} experts but the dispatch has {d.num_experts}")
     hook: StageHook = stage_hook if stage_hook is not None else (lambda _stage: nullcontext())
 
+    permute, combine = impl.permute, impl.combine
+    if workspace is not None:
+        if impl.permute_into is None or impl.combine_into is None:
+            raise ValueError(f"workspace: backend {backend!r} does not write into reused buffers")
+        if torch.is_grad_enabled() and (x_TD.requires_grad or d.weight_N.requires_grad):
+            raise ValueError("workspace: reused buffers are for forward-only steps (autograd is recording)")
+        ws = workspace
+        permute = lambda x, dd, lay: impl.permute_into(x, dd, lay, ws)
+        combine = lambda y, dd, lay: impl.combine_into(y, dd, lay, ws)
     with hook("dispatch"):
-        x_buf = impl.permute(x_TD, d, layout)
+        x_buf = permute(x_TD, d, layout)
     with hook("experts"):
         y_buf = ffn.forward_compact(x_buf, d.counts_E) if layout == "compact" else ffn.forward_padded(x_buf)
     with hook("combine"):
-        out_TD = impl.combine(y_buf, d, layout)
+        out_TD = combine(y_buf, d, layout)
     return out_TD, {"dispatch": x_buf, "experts": y_buf, "combine": out_TD}
+
+
+def dispatch_for(
+    backend: str,
+    token_R: torch.Tensor,
+    expert_R: torch.Tensor,
+    weight_R: torch.Tensor,
+    num_tokens: int,
+    num_experts: int,
+    capacity: int | None,
+) -> Dispatch:
+    """``make_dispatch`` with ``backend``'s own positions op (the triton backend's kernel)."""
+    return make_dispatch(
+        token_R, expert_R, weight_R, num_tokens, num_experts, capacity, positions_fn=get_backend(backend).positions
+    )

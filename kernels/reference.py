@@ -39,12 +39,19 @@ def plain_positions(expert_R: torch.Tensor | Sequence[int], num_experts: int) ->
     return rank_R, seen_E
 
 
-def _plain_swiglu(
-    x_D: torch.Tensor, w_gate_DF: torch.Tensor, w_up_DF: torch.Tensor, w_down_FD: torch.Tensor
-) -> torch.Tensor:
-    """SwiGLU of one row, written out: silu(z) = z * sigmoid(z) = z / (1 + exp(-z))."""
-    z_F = x_D @ w_gate_DF
-    return ((z_F / (1 + torch.exp(-z_F))) * (x_D @ w_up_DF)) @ w_down_FD
+def _plain_ffn(x_D: torch.Tensor, ffn: ExpertFFN, e: int, acc: torch.dtype) -> torch.Tensor:
+    """Expert e's FFN on one row, written out from its weights: SwiGLU with silu(z) = z / (1 +
+    exp(-z)); ReLU as max(z, 0); GELU as z * Phi(z) with the error function."""
+    x_D = x_D.to(acc)
+    up_F = x_D @ ffn.w_up[e].to(acc)
+    if ffn.kind == "swiglu":
+        z_F = x_D @ ffn.w_gate[e].to(acc)
+        h_F = (z_F / (1 + torch.exp(-z_F))) * up_F
+    elif ffn.kind == "relu":
+        h_F = torch.where(up_F > 0, up_F, torch.zeros_like(up_F))
+    else:
+        h_F = up_F * 0.5 * (1 + torch.erf(up_F / 2**0.5))
+    return h_F @ ffn.w_down[e].to(acc)
 
 
 def plain_moe_forward(
@@ -56,7 +63,7 @@ def plain_moe_forward(
     ffn: ExpertFFN,
     acc_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """out[t] = sum over kept requests r of token t: weight_R[r] * SwiGLU_{expert_R[r]}(x[t]).
+    """out[t] = sum over kept requests r of token t: weight_R[r] * FFN_{expert_R[r]}(x[t]).
 
     x_TD: [T, D]; token_R, expert_R: [R] ints in priority order; weight_R: [R] floats;
     capacity: C, or None for dropless. All arithmetic runs in ``acc_dtype`` (float64 by default)
@@ -73,12 +80,7 @@ def plain_moe_forward(
         if capacity is not None and count_E[e] >= capacity:
             continue  # dropped: expert e is full; a later request never displaces an earlier one
         count_E[e] += 1
-        y_D = _plain_swiglu(
-            x_TD[t].to(acc_dtype),
-            ffn.w_gate[e].to(acc_dtype),
-            ffn.w_up[e].to(acc_dtype),
-            ffn.w_down[e].to(acc_dtype),
-        )
+        y_D = _plain_ffn(x_TD[t], ffn, e, acc_dtype)
         contributions[t].append(weight_R[r].to(acc_dtype) * y_D)
     if num_tokens == 0:
         return x_TD.new_zeros(x_TD.shape)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from .backend import Backend
 from .dispatch import LAYOUTS, Dispatch, analytic_buffer_bytes, check_layout
+from .workspace import Workspace
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -115,6 +116,42 @@ def combine(y: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.Tens
     return out_TD.to(y.dtype)
 
 
+def permute_into(x_TD: torch.Tensor, d: Dispatch, layout: str, ws: Workspace) -> torch.Tensor:
+    """``permute`` writing into a reused buffer (forward only, no autograd): the same rows."""
+    check_layout(layout, LAYOUTS)
+    _check_x(x_TD, d)
+    dim = x_TD.shape[1]
+    if layout == "compact":
+        buf = ws.take("permute", (d.num_kept, dim), x_TD.dtype, x_TD.device)
+        return torch.index_select(x_TD, 0, d.token_by_row_N, out=buf)
+    e, c = d.num_experts, d.padded_capacity
+    buf = ws.take("permute", (e * c, dim), x_TD.dtype, x_TD.device)
+    buf.zero_()
+    buf.index_copy_(0, d.slot_N, x_TD.index_select(0, d.token_N))
+    return buf.view(e, c, dim)
+
+
+def combine_into(y: torch.Tensor, d: Dispatch, layout: str, ws: Workspace) -> torch.Tensor:
+    """``combine`` writing into reused buffers (forward only, no autograd): per kept row its gated
+    output, then one index_add into the zeroed [T, D] output, accumulated in float32."""
+    check_layout(layout, LAYOUTS)
+    _check_y(y, d, layout)
+    dim, acc = y.shape[-1], accumulate_dtype(y.dtype)
+    y_MD = y.reshape(-1, dim)
+    if layout == "compact":
+        rows, token_by_row, w_by_row = y_MD, d.token_by_row_N, ws.take("w_rows", (d.num_kept,), acc, y.device)
+        w_by_row.index_copy_(0, d.row_N, d.weight_N.to(acc))
+    else:
+        rows = torch.index_select(y_MD, 0, d.slot_N, out=ws.take("rows", (d.num_kept, dim), y.dtype, y.device))
+        token_by_row, w_by_row = d.token_N, d.weight_N.to(acc)
+    gated = ws.take("gated", (d.num_kept, dim), acc, y.device)
+    torch.mul(rows, w_by_row[:, None], out=gated)
+    out = ws.take("combine", (d.num_tokens, dim), acc, y.device)
+    out.zero_()
+    out.index_add_(0, token_by_row, gated)
+    return out if acc == y.dtype else out.to(y.dtype)
+
+
 BACKEND = Backend(
     name="torch",
     description="index-based dispatch in plain torch (index_select, embedding_bag): the CPU path and the oracle",
@@ -122,4 +159,6 @@ BACKEND = Backend(
     permute=permute,
     combine=combine,
     buffer_bytes=analytic_buffer_bytes,
+    permute_into=permute_into,
+    combine_into=combine_into,
 )

@@ -267,6 +267,15 @@ def combine(y: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.Tens
     return combine_op(y_MD, d.weight_N, p.csr_ptr_T1, p.csr_row_N, p.csr_n_N, p.token_M, p.n_M)
 
 
+def positions(expert_R: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton positions kernel (``kernels.triton_positions``), imported on first use: the
+    dispatch of this backend is built with it, bit-identical to the torch ``positions``."""
+    require_runtime(expert_R.device)
+    from . import triton_positions
+
+    return triton_positions.positions(expert_R, num_experts)
+
+
 BACKEND = Backend(
     name="triton",
     description="the shared Triton kernels: positions, permute, deterministic combine (CUDA; CPU interpreter in tests)",
@@ -275,4 +284,5 @@ BACKEND = Backend(
     combine=combine,
     buffer_bytes=analytic_buffer_bytes,
     unavailable=runtime_error,
+    positions=positions,
 )

@@ -49,8 +49,8 @@ def _print_summary(summary: list[dict[str, Any]], nproc: int, backend: str, plac
 @options.router_choice("switch")
 @options.workload_choice()
 @click.option("--tokens", "-T", type=int, default=1024, show_default=True, help="Tokens per rank per step T.")
-@click.option("--experts", "-E", type=int, default=8, show_default=True)
-@click.option("--hidden", "-D", type=int, default=128, show_default=True)
+@click.option("--experts", "-E", type=int, default=None, help="Experts E [8, or --model's].")
+@click.option("--hidden", "-D", type=int, default=None, help="Hidden size D [128, or --model's].")
 @click.option("--ffn-ratio", type=float, default=2.0, show_default=True, help="F = ffn_ratio * D.")
 @click.option("--placement", default="contiguous", show_default=True, help="contiguous, round-robin or FILE.json.")
 @click.option("--repeats", type=int, default=5, show_default=True, help="Measured steps per configuration.")
@@ -68,8 +68,8 @@ def ep_cmd(
     router_text: str,
     workloads: list[Spec],
     tokens: int,
-    experts: int,
-    hidden: int,
+    experts: int | None,
+    hidden: int | None,
     ffn_ratio: float,
     placement: str,
     repeats: int,
@@ -85,13 +85,14 @@ def ep_cmd(
 ) -> None:
     """Expert parallelism on torch.distributed: N ranks, all_to_all_single exchanges, per-rank bytes,
     times and load (the straggler)."""
+    m = flags.model
     ep = EPSweep(
-        routers=flags.routers(router_text),
+        routers=flags.routers(router_text, "switch"),
         workloads=workloads,
         nproc=nproc,
         tokens=tokens,
-        experts=experts,
-        hidden=hidden,
+        experts=flags.experts(experts, 8),
+        hidden=flags.size("--hidden", hidden, "hidden", 128),
         ffn_ratio=ffn_ratio,
         top_k=flags.top_k,
         capacity_factor=flags.capacity_factor,
@@ -102,6 +103,7 @@ def ep_cmd(
         dtype=dtype,
         dist_backend=dist_backend_for(dist_backend, max(nproc, 1)),
         dump_dir=str(Path(dump_dir).resolve()) if dump_dir else None,
+        model=None if m is None else m.name,
     )
     run, rc, summary = run_ep(ep, out_dir, timeout=timeout, plugin_paths=flags.plugin_paths, notes=flags.notes)
     if fmt == "json":

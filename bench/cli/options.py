@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from moe_routing_bench.bench.models import ModelPreset, get_model
 from moe_routing_bench.bench.spec import (
     CapacityFactor,
     Notes,
@@ -105,6 +106,13 @@ capacity_factor = click.option(
     help="Capacity factor for every router with a capacity: a number, 'none' (dropless) or "
     "'default' (each router's own, the default).",
 )
+model = click.option(
+    "--model",
+    "model_name",
+    default=None,
+    metavar="NAME",
+    help="A real MoE layer's shape and router (`moe-bench list models`): E, D, F, K and its router.",
+)
 top_k = click.option(
     "--top-k", "-K", "top_k", type=int, default=None, help="Choices per token K where a router's K is free."
 )
@@ -117,14 +125,14 @@ out_dir = click.option("--out", "out_dir", type=click.Path(path_type=Path), defa
 
 
 def router_choice(default: str | None = None) -> Callable:
-    """``--router NAME[k=v,...],...`` (``all``: every registered router); required without a default."""
+    """``--router NAME[k=v,...],...`` (``all``: every registered router). Without it: the router of
+    ``--model``, else ``default`` (a command without a default then asks for one)."""
+    shown = f" [default: {default}]" if default else ""
     return click.option(
         "--router",
         "router_text",
-        default=default,
-        required=default is None,
-        show_default=default is not None,
-        help="Router(s): name or name[key=value,...], comma-separated, or 'all'.",
+        default=None,
+        help=f"Router(s): name or name[key=value,...], comma-separated, or 'all'; --model's own{shown}.",
     )
 
 
@@ -163,10 +171,32 @@ class RoutingFlags:
     seed: int
     plugin_paths: list[str]
     notes: Notes
+    model: ModelPreset | None = None
 
-    def routers(self, text: str) -> list[Spec]:
-        """``--router`` specs (``all``: every registered router) with ``--router-opt`` applied."""
-        return add_router_opts(self.router_opts, parse_specs(text, "--router", router_names))
+    def routers(self, text: str | None, default: str | None = None) -> list[Spec]:
+        """``--router`` specs (``all``: every registered router) with ``--router-opt`` applied;
+        without ``--router``: the model's own router, else ``default``."""
+        if text is None and self.model is not None:
+            specs = [self.model.router_spec]
+        elif text is None and default is None:
+            raise RoutingError("--router is required (or --model NAME for the model's own router)")
+        else:
+            specs = parse_specs(text or default, "--router", router_names)
+        return add_router_opts(self.router_opts, specs)
+
+    def size(self, flag: str, given: Any, field: str, default: Any) -> Any:
+        """A layer size: the model's ``field`` with ``--model`` (a flag given too must agree),
+        else the flag, else ``default``."""
+        if self.model is None:
+            return given if given is not None else default
+        value = getattr(self.model, field)
+        if given is not None and given != value:
+            raise RoutingError(f"{flag} {given} conflicts with --model {self.model.name} ({field} = {value})")
+        return value
+
+    def experts(self, given: int | None, default: int | None) -> int | None:
+        """E: the model's with ``--model``, else the flag, else ``default``."""
+        return self.size("--experts", given, "experts", default)
 
 
 def routing_flags(fn: Callable) -> Callable:
@@ -174,9 +204,11 @@ def routing_flags(fn: Callable) -> Callable:
     receives ``flags``, a :class:`RoutingFlags` (plugins are loaded before anything is parsed)."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, router_opts, top_k, cf_text, seed, plugins, **kw: Any) -> Any:
+    def wrapper(*args: Any, router_opts, top_k, cf_text, seed, plugins, model_name, **kw: Any) -> Any:
         plugin_paths = load_plugins(plugins)
-        flags = RoutingFlags(router_opts, top_k, parse_capacity_factor(cf_text), seed, plugin_paths, notes())
+        model = get_model(model_name) if model_name else None
+        cf = parse_capacity_factor(cf_text)
+        flags = RoutingFlags(router_opts, top_k, cf, seed, plugin_paths, notes(), model)
         return fn(*args, flags=flags, **kw)
 
-    return _compose(router_opt, top_k, capacity_factor, seed, plugin)(wrapper)
+    return _compose(model, router_opt, top_k, capacity_factor, seed, plugin)(wrapper)

@@ -9,6 +9,7 @@ import click
 import torch
 
 from moe_routing_bench.bench.cli import options
+from moe_routing_bench.bench.models import get_model
 from moe_routing_bench.bench.quality.runner import format_table, run_quality
 from moe_routing_bench.bench.quality.train import QualityConfig, parse_router_specs
 from moe_routing_bench.bench.spec import DEFAULT, parse_capacity_factor
@@ -20,12 +21,12 @@ from moe_routing_bench.kernels.layer import resolve_backend
 @click.option(
     "--routers",
     "routers_text",
-    default="all",
-    show_default=True,
-    help="'all', or names and variants: switch,topk,hash[variant=balanced].",
+    default=None,
+    help="'all' (the default), or names and variants: switch,topk,hash[variant=balanced]; --model's own.",
 )
 @click.option("--steps", default=300, show_default=True, help="Training steps per router.")
-@click.option("--experts", default=8, show_default=True, help="Experts per MoE layer (E).")
+@click.option("--experts", type=int, default=None, help="Experts per MoE layer E [8, or --model's].")
+@options.model
 @click.option("--top-k", type=int, default=None, help="K for routers that accept it (default: each router's own).")
 @click.option(
     "--capacity-factor",
@@ -66,6 +67,7 @@ def quality_cmd(
     routers_text,
     steps,
     experts,
+    model_name,
     top_k,
     cf_text,
     layers,
@@ -95,9 +97,14 @@ def quality_cmd(
         raise ValueError(f"--threads must be >= 1 (got {threads})")
     if dev.type == "cpu":
         torch.set_num_threads(threads)
+    model = get_model(model_name) if model_name else None
+    if model is not None and experts is not None and experts != model.experts:
+        raise ValueError(f"--experts {experts} conflicts with --model {model.name} (E = {model.experts})")
+    experts = model.experts if model is not None else (experts or 8)
     cfg = QualityConfig(
         steps=steps,
         experts=experts,
+        ffn_kind=model.ffn_kind if model is not None else "swiglu",
         top_k=DEFAULT if top_k is None else top_k,
         capacity_factor=parse_capacity_factor(cf_text),
         layers=layers,
@@ -114,7 +121,10 @@ def quality_cmd(
         seed=seed,
         backend=resolve_backend(backend, dev),
     )
-    specs = parse_router_specs(routers_text)
+    # A model keeps the tiny LM's width and depth: its router, E, K and FFN kind are what carry over.
+    specs = (
+        [model.router_spec] if model is not None and routers_text is None else parse_router_specs(routers_text or "all")
+    )
     click.echo(
         f"quality: {len(specs)} routers x {steps} steps; L={layers} D={width} H={heads} E={experts} "
         f"V={vocab} S={seq_len} B={batch_seqs} (T={batch_seqs * seq_len}) on {device_name(dev)}",

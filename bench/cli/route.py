@@ -11,6 +11,7 @@ import click
 from moe_routing_bench.bench.breakdown import FREQ_BUCKETS, POS_BUCKETS
 from moe_routing_bench.bench.cli import options
 from moe_routing_bench.bench.metrics import METRICS
+from moe_routing_bench.bench.models import PRESETS
 from moe_routing_bench.bench.routing import RouteReport, RouteResult, describe_config, route_specs
 from moe_routing_bench.bench.spec import Spec
 from moe_routing_bench.bench.timing import resolve_device
@@ -21,11 +22,20 @@ from moe_routing_bench.workloads.registry import loaded_plugins as loaded_worklo
 
 
 @click.command("list")
-@click.argument("what", type=click.Choice(["routers", "workloads"]), default="routers")
+@click.argument("what", type=click.Choice(["routers", "workloads", "models"]), default="routers")
 @options.plugin
 def list_cmd(what: str, plugins: tuple[str, ...]) -> None:
-    """List registered routers, or workloads (with their options), with one-line descriptions."""
+    """List registered routers, workloads (with their options) or model presets."""
     options.load_plugins(plugins)
+    if what == "models":
+        click.echo(f"{'model':<17}{'D':>6}{'F':>7} {'kind':<7}{'E':>5}{'K':>3}{'shared':>7}{'layers':>8}  router")
+        for m in PRESETS.values():
+            layers = f"{m.moe_layers}/{m.layers}"
+            click.echo(
+                f"{m.name:<17}{m.hidden:>6}{m.ffn:>7} {m.ffn_kind:<7}{m.experts:>5}{m.top_k:>3}{m.shared_ffn:>7}"
+                f"{layers:>8}  {m.router}"
+            )
+        return
     rows = list_routers() if what == "routers" else list_workloads()
     width = max(len(n) for n, _ in rows)
     for name, desc in rows:
@@ -74,7 +84,7 @@ def route_cmd(
         flags.routers(router_text),
         workloads[0],
         tokens=num_tokens,
-        experts=num_experts,
+        experts=flags.experts(num_experts, None),
         batches=num_batches,
         seed=flags.seed,
         device=resolve_device(device),

@@ -38,6 +38,7 @@ _SUMMARY_FORMATS = {
 @click.option("--config", "config_name", default=None, help="Sweep name in bench/configs/ or a .toml path.")
 @click.option("--routers", default=None, help="Routers: name or name[key=value,...], comma-separated.")
 @click.option("--workloads", default=None, help="Workloads: name or name[key=value,...], comma-separated.")
+@click.option("--models", default=None, help="Model presets (`moe-bench list models`): their layer shapes and routers.")
 @click.option("--experts", default=None, help="Comma-separated E values.")
 @click.option("--tokens", default=None, help="Comma-separated T values.")
 @click.option("--hidden", default=None, help="Comma-separated D values.")
@@ -87,6 +88,8 @@ def run_cmd(**kw) -> None:
     else:
         if kw["retry_errors"]:
             raise RoutingError("--retry-errors needs --resume RUN_DIR")
+        if kw["models"] and (kw["experts"] or kw["hidden"]):
+            raise RoutingError("--models sets each model's E and D: drop --experts and --hidden")
         plugin_paths = options.load_plugins(kw["plugins"])
         path = find_config(kw["config_name"]) if kw["config_name"] else None
         blocks = load_blocks(path, sweep_overrides(kw))

@@ -43,7 +43,7 @@ def _print_sim(rows: list[dict[str, Any]]) -> None:
 
 @click.command("simulate")
 @click.option("--devices", "-G", "devices_text", required=True, help="Device counts G, comma-separated.")
-@click.option("--experts", "-E", type=int, default=256, show_default=True)
+@click.option("--experts", "-E", type=int, default=None, help="Experts E [256, or --model's].")
 @click.option("--nodes-of", "nodes_of", type=int, default=8, show_default=True, help="Devices per node K.")
 @click.option(
     "--ep-size",
@@ -61,7 +61,7 @@ def _print_sim(rows: list[dict[str, Any]]) -> None:
 @options.router_choice("switch")
 @options.workload_choice()
 @click.option("--tokens", "-T", type=int, default=4096, show_default=True, help="Tokens per device T.")
-@click.option("--hidden", "-D", type=int, default=4096, show_default=True)
+@click.option("--hidden", "-D", type=int, default=None, help="Hidden size D [4096, or --model's].")
 @click.option("--ffn-ratio", type=float, default=2.0, show_default=True, help="F = ffn_ratio * D.")
 @click.option("--dtype", default="bf16", show_default=True, help="bf16, fp16, fp8 or fp32 (bytes per element).")
 @click.option("--gpu", default="h100", show_default=True, type=click.Choice(sorted(PRESETS)), help="Preset figures.")
@@ -85,14 +85,14 @@ def _print_sim(rows: list[dict[str, Any]]) -> None:
 @options.routing_flags
 def simulate_cmd(
     devices_text: str,
-    experts: int,
+    experts: int | None,
     nodes_of: int,
     ep_size: int | None,
     placement_spec: str,
     router_text: str,
     workloads: list[Spec],
     tokens: int,
-    hidden: int,
+    hidden: int | None,
     ffn_ratio: float,
     dtype: str,
     gpu: str,
@@ -122,15 +122,19 @@ def simulate_cmd(
         mem_bw=mem_bw,
         devices_per_node=nodes_of,
     )
+    m = flags.model
     sweep = SimSweep(
-        routers=flags.routers(router_text),
+        routers=flags.routers(router_text, "switch"),
         workloads=workloads,
         devices=_ints(devices_text, "devices"),
         placements=split_list(placement_spec),
-        experts=experts,
+        experts=flags.experts(experts, 256),
         tokens=tokens,
-        hidden=hidden,
+        hidden=flags.size("--hidden", hidden, "hidden", 4096),
         ffn_ratio=ffn_ratio,
+        ffn=None if m is None else m.ffn,
+        ffn_kind="swiglu" if m is None else m.ffn_kind,
+        model=None if m is None else m.name,
         dtype=dtype,
         hw=hw,
         plans=num_plans,

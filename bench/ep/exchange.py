@@ -200,13 +200,12 @@ def local_ffn(full: ExpertFFN, experts_L: torch.Tensor, device: torch.device) ->
     n = int(experts_L.numel())
     if n == 0:
         return None
-    ffn = ExpertFFN(n, full.hidden, ffn_ratio=full.ffn / full.hidden, seed=0, dtype=full.w_gate.dtype)
-    if ffn.ffn != full.ffn:  # the ratio round-trip must land on the same F
-        raise ValueError(f"local FFN width {ffn.ffn} differs from the full one {full.ffn}")
+    ffn = ExpertFFN(n, full.hidden, ffn=full.ffn, kind=full.kind, seed=0, dtype=full.dtype)
     idx = experts_L.cpu()
     with torch.no_grad():
         for name in ("w_gate", "w_up", "w_down"):
-            setattr(ffn, name, torch.nn.Parameter(getattr(full, name)[idx].clone(), requires_grad=False))
+            if getattr(full, name) is not None:
+                setattr(ffn, name, torch.nn.Parameter(getattr(full, name)[idx].clone(), requires_grad=False))
     return ffn.to(device)
 
 

@@ -25,7 +25,8 @@ import torch
 from moe_routing_bench.bench.ep.exchange import EPPoint
 from moe_routing_bench.bench.ep.record import consolidate, load_ep_ranks, write_error
 from moe_routing_bench.bench.ep.worker import CONFIGS_FILE
-from moe_routing_bench.bench.harness.sweep import expand
+from moe_routing_bench.bench.harness.plan import memory_budget_bytes, planned_bytes
+from moe_routing_bench.bench.harness.sweep import expand, load_blocks
 from moe_routing_bench.bench.placement import check_spec, make_placement
 from moe_routing_bench.bench.record import RunDir, load_run, new_meta, recording
 from moe_routing_bench.bench.spec import DEFAULT, CapacityFactor, Notes, Spec
@@ -68,6 +69,7 @@ class EPSweep:
     dtype: str = "float32"
     dist_backend: str = "gloo"
     dump_dir: str | None = None
+    model: str | None = None  # a preset: its E, D, F, FFN kind and shared experts
 
 
 def ep_points(ep: EPSweep, notes: Notes | None = None) -> list[EPPoint]:
@@ -96,8 +98,17 @@ def ep_points(ep: EPSweep, notes: Notes | None = None) -> list[EPPoint]:
         "seed": ep.seed,
         "ffn_ratio": ep.ffn_ratio,
         "device": "cuda" if ep.dist_backend == "nccl" else "cpu",
+        "models": [ep.model] if ep.model else [],
     }
-    points = expand([block], workload_names(), list_backends(), notes)
+    points = expand(load_blocks(None, block), workload_names(), list_backends(), notes)
+    budget = memory_budget_bytes(block["device"])
+    for p in points:  # every rank builds the whole seeded expert set before taking its shard
+        need = ep.nproc * planned_bytes(p)
+        if need > budget:
+            raise RoutingError(
+                f"ep: {ep.nproc} ranks of {p.model or 'this layer'} need about {need / 2**30:.1f} GiB "
+                f"({need:,} bytes) > budget {budget / 2**30:.1f} GiB; use fewer tokens, ranks or experts"
+            )
     return [EPPoint(p, ep.nproc, ep.placement, owner_E, ep.dist_backend, ep.dump_dir) for p in points]
 
 

@@ -44,11 +44,11 @@ from moe_routing_bench.bench.ep.exchange import (
     send_rows,
     wire_bytes,
 )
+from moe_routing_bench.bench.harness.measure import experts_of
 from moe_routing_bench.bench.metrics import METRICS, batch_metrics
 from moe_routing_bench.bench.moe_layer import SHARED_WEIGHT, add_shared_branch, plan_dispatch
 from moe_routing_bench.bench.routing import wants_fit
 from moe_routing_bench.bench.timing import StageTimer, dtype_of, quantiles, stopwatch
-from moe_routing_bench.kernels.experts import ExpertFFN
 from moe_routing_bench.routers.registry import build_router, load_plugin
 
 CONFIGS_FILE = "ep_configs.json"
@@ -78,8 +78,10 @@ def run_config(ep: EPPoint, rank: int, world: int, device: torch.device) -> dict
     n_steps = len(batches)
     if wants_fit(router):
         router.fit(workload.fit_sample(point.tokens, point.experts, device))
-    full = ExpertFFN(point.experts, point.hidden, ffn_ratio=point.ffn_ratio, seed=point.seed, dtype=dtype)
-    shared_ffn = ExpertFFN(1, point.hidden, ffn_ratio=point.ffn_ratio, seed=point.seed + 1, dtype=dtype, device=device)
+    # The same seeded experts as a single-process layer; the routed ones sharded below.
+    full, shared_ffn, always = experts_of(point, torch.device("cpu"), dtype)
+    shared_ffn = shared_ffn.to(device)
+    always = always.to(device) if always is not None else None
     sh = Sharding(torch.tensor(ep.owner_E, dtype=torch.int64), world)
     mine = sh.local_experts(rank)
     ffn = local_ffn(full, mine, device)
@@ -122,9 +124,12 @@ def run_config(ep: EPPoint, rank: int, world: int, device: torch.device) -> dict
                 with clock("combine"):
                     out_TD = finish(y_back, d, out)
                 shared_w = plan.extras.get(SHARED_WEIGHT)
-                if shared_w is not None:  # NLLB's dense branch runs locally, as bench.layer does it
+                if shared_w is not None:  # NLLB's dense branch runs locally, as bench.moe_layer does it
                     with clock("shared"):
                         out_TD = add_shared_branch(out_TD, x_TD, shared_ffn, shared_w)
+                if always is not None:  # a preset's shared experts run on every rank, locally
+                    with clock("shared"):
+                        out_TD = add_shared_branch(out_TD, x_TD, always, None)
             clock.times["total"] = total[0]
             router.update(plan)
             if ep.dump_dir is not None:

@@ -50,8 +50,10 @@ def planned_bytes(point: Point) -> int:
     cap = router.config.capacity_for(point.tokens)
     k = float(router.config.top_k)
     buffers = get_backend(point.backend).planned_bytes(point.tokens, point.experts, k, cap, point.hidden, elt)
-    ffn = ffn_width(point.hidden, point.ffn_ratio)
-    weights = 3 * (point.experts + 1) * point.hidden * ffn * elt  # SwiGLU experts and the shared one
+    ffn = point.ffn or ffn_width(point.hidden, point.ffn_ratio)
+    matrices = 3 if point.ffn_kind == "swiglu" else 2
+    # The routed experts, the gated shared branch (one expert) and a preset's always-on experts.
+    weights = matrices * point.hidden * ((point.experts + 1) * ffn + point.shared_ffn) * elt
     grads = weights if point.mode == "fwd+bwd" else 0
     hidden_states = 2 * point.tokens * point.hidden * elt  # the layer's input and output
     return buffers + weights + grads + hidden_states
@@ -59,14 +61,21 @@ def planned_bytes(point: Point) -> int:
 
 def skip_reason(point: Point, budget: int) -> str | None:
     """Why a configuration cannot run here (said in its skipped row), or None."""
-    why = get_backend(point.backend).unavailable(resolve_device(point.device))
+    backend = get_backend(point.backend)
+    why = backend.unavailable(resolve_device(point.device))
     if why is not None:
         return why
+    if point.reuse_buffers and (point.mode != "fwd" or backend.permute_into is None):
+        return (
+            "reuse_buffers needs mode fwd and a backend that writes into reused buffers (torch); "
+            f"got mode {point.mode}, backend {point.backend}"
+        )
     need = planned_bytes(point)
     if need > budget:
+        what = f"{point.model} expert weights" if point.model else "expert weights"
         return (
-            f"needs about {need / 2**30:.2f} GiB ({need:,} bytes: {point.backend} dispatch buffers, expert "
-            f"weights, hidden states) > budget {budget / 2**30:.2f} GiB ({BUDGET_ENV} overrides)"
+            f"needs about {need / 2**30:.2f} GiB ({need:,} bytes: {point.backend} dispatch buffers, {what}, "
+            f"hidden states) > budget {budget / 2**30:.2f} GiB ({BUDGET_ENV} overrides)"
         )
     return None
 

@@ -209,6 +209,7 @@ def sweep_overrides(values: dict[str, Any]) -> dict[str, Any]:
     cf = values.get("capacity_factor")
     return {
         "routers": names(values.get("routers")),
+        "models": names(values.get("models")),
         "workloads": names(values.get("workloads")),
         "experts": ints("experts", values.get("experts")),
         "tokens": ints("tokens", values.get("tokens")),

@@ -30,6 +30,7 @@ from typing import Any
 
 import tomllib
 
+from moe_routing_bench.bench.models import ModelPreset, get_model
 from moe_routing_bench.bench.record import config_id_of
 from moe_routing_bench.bench.spec import (
     Notes,
@@ -43,6 +44,7 @@ from moe_routing_bench.routers.contract import RoutingError
 from moe_routing_bench.routers.registry import build_router, get_router_class
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+MODEL_ROUTER = "model"  # in a block with models: each model's own router
 MODES = ("fwd", "fwd+bwd")
 LAYOUTS = ("default", "compact", "padded")
 
@@ -60,10 +62,12 @@ LIST_KEYS = (
     "dtypes",
     "modes",
     "layouts",
+    "models",
+    "reuse_buffers",
 )
 SCALAR_KEYS = ("repeats", "warmup", "seed", "ffn_ratio", "device", "description")
 BUILTIN_DEFAULTS: dict[str, Any] = {
-    "routers": ["switch"],
+    "routers": [],  # empty: ["model"] (each model's own router) in a block with models, else ["switch"]
     "workloads": ["uniform"],
     "tokens": [2048],
     "experts": [8],
@@ -74,6 +78,8 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "dtypes": ["float32"],
     "modes": ["fwd"],
     "layouts": ["default"],
+    "models": [],
+    "reuse_buffers": [False],
     "repeats": 5,
     "warmup": 2,
     "seed": 0,
@@ -111,6 +117,11 @@ class Point:
     seed: int
     ffn_ratio: float
     device: str
+    model: str | None = None  # a preset (bench.models) whose layer shape this point has
+    ffn: int | None = None  # F given outright (a preset); None: round(ffn_ratio * hidden)
+    ffn_kind: str = "swiglu"
+    shared_ffn: int = 0  # width of the always-on shared experts (0: none)
+    reuse_buffers: bool = False  # permute and combine write into a reused workspace (forward only)
     index: int = field(default=0, compare=False)
 
     def to_json(self) -> str:
@@ -144,6 +155,10 @@ class Point:
             "dtype": self.dtype,
             "mode": self.mode,
             "repeats": self.repeats,
+            "model": self.model or "",
+            "ffn_kind": self.ffn_kind,
+            "shared_ffn": self.shared_ffn,
+            "reuse_buffers": self.reuse_buffers,
         }
 
 
@@ -217,17 +232,24 @@ def expand(
     seen: set[str] = set()
     for block in blocks:
         _check_block(block, workload_names, backend_names)
-        routers = [spec_from_entry(r, "routers") for r in block["routers"]]
+        models = [get_model(m) for m in block["models"]]
+        names = block["routers"] or (["model"] if models else ["switch"])
+        routers = [spec_from_entry(r, "routers") for r in names]
         workloads = [spec_from_entry(w, "workloads") for w in block["workloads"]]
         for spec in routers:
-            get_router_class(spec.name)  # raises with the list of valid routers
+            if spec.name == MODEL_ROUTER and not models:
+                raise RoutingError("router 'model' (each model's own router) needs models = [...] in its block")
+            if spec.name != MODEL_ROUTER:
+                get_router_class(spec.name)  # raises with the list of valid routers
         for spec in workloads:
             if spec.name not in workload_names:
                 raise RoutingError(f"unknown workload {spec.name!r}; valid workloads: {', '.join(workload_names)}")
         cfs = parse_capacity_factors(block["capacity_factor"])
         ks: list[int | None] = list(block["top_k"]) or [None]
         taken: set[tuple[str, Any]] = set()
-        for rspec, wspec, e in itertools.product(routers, workloads, block["experts"]):
+        for shape, rspec0, wspec in itertools.product(_shapes(block, models), routers, workloads):
+            rspec = shape.model.router_spec if rspec0.name == MODEL_ROUTER and shape.model else rspec0
+            e = shape.experts
             build_router(rspec.name, **router_options(rspec, experts=e, seed=block["seed"]))  # its own options
             for cf, k in itertools.product(cfs, ks):
                 opts = _applied(rspec, e, block["seed"], k, cf, notes)
@@ -235,15 +257,16 @@ def expand(
                     continue
                 taken.update({("capacity_factor", cf), ("top_k", k)})
                 router = build_router(rspec.name, **opts)
-                for t, d, backend, dtype, mode, layout in itertools.product(
+                for t, backend, dtype, mode, layout, reuse in itertools.product(
                     block["tokens"],
-                    block["hidden"],
                     block["backends"],
                     block["dtypes"],
                     block["modes"],
                     block["layouts"],
+                    block["reuse_buffers"],
                 ):
-                    p = _point(rspec, wspec, router, opts, t, e, d, backend, layout, dtype, mode, block)
+                    p = _point(rspec, wspec, router, opts, t, shape, backend, layout, dtype, mode, block)
+                    p = dataclasses.replace(p, reuse_buffers=bool(reuse))
                     if p.config_id not in seen:
                         seen.add(p.config_id)
                         points.append(dataclasses.replace(p, index=len(points)))
@@ -271,10 +294,26 @@ def _applied(spec: Spec, experts: int, seed: int, k: int | None, cf: Any, notes:
     return opts
 
 
-def _point(rspec, wspec, router, opts, t, e, d, backend, layout, dtype, mode, block) -> Point:
+@dataclass(frozen=True)
+class _Shape:
+    """A layer shape: a model preset's, or E x D from the block with F = ffn_ratio * D."""
+
+    experts: int
+    hidden: int
+    model: ModelPreset | None = None
+
+
+def _shapes(block: dict[str, Any], models: list[ModelPreset]) -> list[_Shape]:
+    if models:  # a preset fixes E, D, F, the FFN kind and shared experts: `experts`, `hidden` do not apply
+        return [_Shape(m.experts, m.hidden, m) for m in models]
+    return [_Shape(e, d) for e, d in itertools.product(block["experts"], block["hidden"])]
+
+
+def _point(rspec, wspec, router, opts, t, shape, backend, layout, dtype, mode, block) -> Point:
     # The options as the config parsed them ("none" -> None, "2" -> 2): one id per configuration.
     own = {k: _plain(getattr(router.config, k)) for k in opts if k not in ("num_experts", "seed")}
     cf = router.config.capacity_factor
+    m = shape.model
     return Point(
         router=rspec.name,
         router_label=rspec.label,
@@ -283,8 +322,8 @@ def _point(rspec, wspec, router, opts, t, e, d, backend, layout, dtype, mode, bl
         workload_label=wspec.label,
         workload_opts=wspec.opts,
         tokens=t,
-        experts=e,
-        hidden=d,
+        experts=shape.experts,
+        hidden=shape.hidden,
         top_k=int(router.config.top_k),
         capacity_factor=None if cf is None else float(cf),
         backend=backend,
@@ -294,8 +333,12 @@ def _point(rspec, wspec, router, opts, t, e, d, backend, layout, dtype, mode, bl
         repeats=block["repeats"],
         warmup=block["warmup"],
         seed=block["seed"],
-        ffn_ratio=float(block["ffn_ratio"]),
+        ffn_ratio=float(block["ffn_ratio"]) if m is None else m.ffn / m.hidden,
         device=block["device"],
+        model=None if m is None else m.name,
+        ffn=None if m is None else m.ffn,
+        ffn_kind="swiglu" if m is None else m.ffn_kind,
+        shared_ffn=0 if m is None else m.shared_ffn,
     )
 
 

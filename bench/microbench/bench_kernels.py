@@ -20,7 +20,8 @@ import statistics
 import pytest
 import torch
 
-from moe_routing_bench.bench.microbench.kernel_cases import Case, bytes_moved, copy_fn, make_fn, setup
+from moe_routing_bench.bench.microbench import peers
+from moe_routing_bench.bench.microbench.kernel_cases import DTYPES, Case, bytes_moved, copy_fn, make_fn, setup
 from moe_routing_bench.bench.timing import sync, time_alternating
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -99,3 +100,33 @@ def test_permute_plus_combine_vs_copy(request):
                 f"(permute {med['permute'] * 1e3:.1f}, combine {med['combine'] * 1e3:.1f}); copy of the "
                 f"same bytes {copy_s * 1e3:.1f} ms -> {copy_s / op_s:.0%} of copy speed"
             )
+
+
+def test_round_trip_against_the_peers(request):
+    """The dispatch round trip (dispatch build, permute, combine) against Megatron-core's unfused
+    permute/unpermute and copies of the same bytes, timed interleaved; every output checked equal
+    to ours first (``bench.microbench.peers``)."""
+    if request.config.getoption("benchmark_disable") and not request.config.getoption("benchmark_enable"):
+        pytest.skip("benchmarks disabled")
+    rt = peers.setup(CASE.tokens, CASE.hidden, CASE.experts, CASE.top_k, DTYPES[CASE.dtype], DEVICE)
+    provs = peers.providers(rt)
+    reference = provs["ours"][0]()
+    fns = {}
+    for name, (fn, why) in provs.items():
+        if fn is None:
+            print(f"  {name}: skipped: {why}")
+            continue
+        if not name.startswith("copy"):
+            verdict = peers.check_equal(reference, fn(), name)
+            assert verdict == "ok", verdict
+        fns[name] = fn
+    med = _interleaved_medians(fns)
+    print(
+        f"round trip T={CASE.tokens} D={CASE.hidden} E={CASE.experts} K={CASE.top_k} {CASE.dtype} on {DEVICE} "
+        f"({torch.get_num_threads()} threads), {rt.nbytes / 2**20:.0f} MiB moved, medians of 15 interleaved rounds:"
+    )
+    for name, s in med.items():
+        print(f"  {name:<16} {s * 1e3:8.1f} ms  {rt.nbytes / s / 1e9:6.2f} GB/s")
+    if "megatron" in med:
+        print(f"  ours is {med['megatron'] / med['ours']:.2f}x Megatron-core's unfused permute+unpermute")
+    print(f"  ours+workspace runs at {med['copy-reused'] / med['ours+workspace']:.0%} of a copy into reused memory")

@@ -2,7 +2,7 @@
 
     make gpu-check                    # on the GPU host: python3 with torch + triton, no internet
     make gpu-check ARGS=--dry-run     # anywhere: the same steps under triton's interpreter on CPU
-    python -m bench.gpu_check [--dry-run] [--out DIR] [--budget-s 240] [--layouts compact,padded]
+    python -m moe_routing_bench.bench.microbench.gpu_check [--dry-run] [--out DIR] [--budget-s 200]
 
 Steps, in one process tree, with nothing installed and nothing fetched:
 
@@ -16,12 +16,18 @@ Steps, in one process tree, with nothing installed and nothing fetched:
    (CUDA events, L2 flushed between repeats; median, p20, p80); GB/s from
    ``bench.kernel_bench.bytes_moved``; ``copy_ratio`` = the time of a device-to-device copy of
    the same bytes, measured in the same run, over the op's time (1.0 = copy speed).
-4. Results under ``--out`` (default ``$OUT``, else results/gpu/<date>): results.parquet (CSV
-   when pyarrow is missing), table.txt (also printed last), gpu_tests.log, env.json.
+4. Real model layers (``bench.models``: each preset's own router and layer through the harness's
+   ``measure_point``, bf16, forward, triton and torch backends) and the dispatch round trip beside
+   the peers' (``bench.microbench.peers``: Megatron-core, vLLM where importable), each peer
+   checked equal to ours before it is timed (``gpu_presets``).
+5. Results under ``--out`` (default ``$OUT``, else results/gpu/<date>): results.parquet,
+   presets.parquet, peers.parquet (CSV when pyarrow is missing), table.txt (also printed last),
+   gpu_tests.log, env.json.
 
-``--budget-s`` (default 240, counted from the start, tests included) stops starting new cases
-once spent: small cases and the compact layout run first, so a cut run still covers every shape
-family; the cases left become rows with status=skipped. A whole run fits in about 5 minutes.
+``--budget-s`` (default 200, counted from the start, tests included) stops starting new kernel
+cases once spent: small cases and the compact layout run first, so a cut run still covers every
+shape family; the cases left become rows with status=skipped. ``--presets-budget-s`` (default
+120) does the same for the presets. A whole run fits in about 7 minutes.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1")
     p.add_argument("--out", default=None, help="output folder (default $OUT, else results/gpu/<date>)")
-    p.add_argument("--budget-s", type=float, default=240.0, help="start no case after this many seconds")
+    p.add_argument("--budget-s", type=float, default=200.0, help="start no kernel case after this many seconds")
+    p.add_argument("--presets-budget-s", type=float, default=120.0, help="start no preset after this many seconds more")
     p.add_argument("--layouts", default="compact,padded", help="compact (dropless) and/or padded (cf 1.25)")
     p.add_argument("--skip-tests", action="store_true", help="benchmark only")
     return p.parse_args(argv)
@@ -252,15 +259,15 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write(rows: list[dict], out: Path) -> Path:
+def _write(rows: list[dict], out: Path, name: str = "results") -> Path:
     import pandas as pd
 
     frame = pd.DataFrame(rows)
     try:
-        path = out / "results.parquet"
+        path = out / f"{name}.parquet"
         frame.to_parquet(path, index=False)
     except ImportError:  # no pyarrow: CSV keeps the run usable
-        path = out / "results.csv"
+        path = out / f"{name}.csv"
         frame.to_csv(path, index=False)
     return path
 
@@ -289,11 +296,43 @@ def main(argv: list[str] | None = None) -> int:
     rows = benchmark(device, args.dry_run, layouts, t0 + args.budget_s, env)
     path = _write(rows, out)
     table = _table(rows)
-    (out / "table.txt").write_text(tests + "\n" + table + "\n")
-    print(table)
-    print(f"gpu-check: {len(rows)} rows -> {path} ({time.perf_counter() - t0:.0f} s)")
-    failed = "FAILED" in tests or any(r["status"] in ("error", "mismatch") for r in rows)
+    print(table, flush=True)
+    # Real model layers and the peers' dispatch, after the kernels (their own budget).
+    from moe_routing_bench.bench.microbench.gpu_presets import peer_rows, preset_rows
+
+    extra = {
+        "presets": preset_rows(device, args.dry_run, time.perf_counter() + args.presets_budget_s),
+        "peers": peer_rows(device, args.dry_run),
+    }
+    lines = [tests, table]
+    for name, part in extra.items():
+        stamped = [{**r, **{k: env[k] for k in ("device", "torch", "triton", "commit")}} for r in part]
+        _write(stamped, out, name)
+        lines.append(_rows_text(name, part))
+    (out / "table.txt").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[2:]))
+    print(f"gpu-check: {len(rows)} kernel rows -> {path} ({time.perf_counter() - t0:.0f} s)")
+    every = rows + extra["presets"] + extra["peers"]
+    failed = "FAILED" in tests or any(r["status"] in ("error", "mismatch") for r in every)
     return 1 if failed else 0
+
+
+def _rows_text(name: str, rows: list[dict]) -> str:
+    """One line per row of the presets or peers table."""
+    out = [f"{name}:"]
+    for r in rows:
+        if r["status"] != "ok":
+            out.append(f"  {r.get('model') or r.get('provider')} {r.get('backend', '')}: {r['status']}: {r['error']}")
+        elif name == "presets":
+            out.append(
+                f"  {r['model']:<16} {r['backend']:<7} T={r['tokens']} {r['tokens_per_s']:>12,.0f} tok/s, "
+                f"experts {r['time_experts_median'] * 1e3:.2f} ms "
+                f"({r['expert_tflops']:.1f} TFLOP/s, {r['expert_path']}), "
+                f"dispatch {r['time_dispatch_median'] * 1e3:.2f} ms, combine {r['time_combine_median'] * 1e3:.2f} ms"
+            )
+        else:
+            out.append(f"  {r['provider']:<16} {r['seconds'] * 1e3:9.3f} ms {r['GBps']:8.1f} GB/s")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from moe_routing_bench.bench.timing import DTYPES
 from moe_routing_bench.kernels import torch_backend
 from moe_routing_bench.kernels.dispatch import Dispatch, make_dispatch
 from moe_routing_bench.kernels.positions import positions as torch_positions
@@ -40,7 +41,6 @@ from moe_routing_bench.routers.contract import capacity
 OPS = ("positions", "permute", "combine")
 DIRECTIONS = ("fwd", "bwd")
 PROVIDERS = ("torch", "triton")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)

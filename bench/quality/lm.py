@@ -41,7 +41,8 @@ from moe_routing_bench.routers.contract import Batch, Plan, Router, RoutingError
 
 @dataclass(frozen=True)
 class LMConfig:
-    """Sizes of the tiny MoE LM. ffn_ratio: expert width F = ffn_ratio * width (SwiGLU)."""
+    """Sizes of the tiny MoE LM. ffn_ratio: expert width F = ffn_ratio * width; ffn_kind: SwiGLU,
+    or a ReLU/GELU two-matrix FFN (``kernels.experts``)."""
 
     vocab: int = 2048
     width: int = 64
@@ -51,6 +52,7 @@ class LMConfig:
     experts: int = 8
     ffn_ratio: float = 2.0
     seed: int = 0
+    ffn_kind: str = "swiglu"
 
     def __post_init__(self) -> None:
         for name, low in (
@@ -138,9 +140,12 @@ class MoEFFN(nn.Module):
         _normal_(self.gate.weight[:e], d**-0.5, cfg.seed, f"gate.{index}")
         if shape.columns > e:
             _normal_(self.gate.weight[e:], d**-0.5, cfg.seed, f"gate-extra.{index}")
-        self.experts = ExpertFFN(e, d, cfg.ffn_ratio, seed=derived_seed(cfg.seed, f"experts.{index}"))
+        kind = cfg.ffn_kind
+        self.experts = ExpertFFN(e, d, cfg.ffn_ratio, kind=kind, seed=derived_seed(cfg.seed, f"experts.{index}"))
         self.shared = (
-            ExpertFFN(1, d, cfg.ffn_ratio, seed=derived_seed(cfg.seed, f"shared.{index}")) if shape.shared else None
+            ExpertFFN(1, d, cfg.ffn_ratio, kind=kind, seed=derived_seed(cfg.seed, f"shared.{index}"))
+            if shape.shared
+            else None
         )
 
     def forward(

@@ -93,6 +93,7 @@ class QualityConfig:
     heldout_frac: float = 0.1
     seed: int = 0
     backend: str = "torch"
+    ffn_kind: str = "swiglu"
 
     def __post_init__(self) -> None:
         for name in ("steps", "experts", "batch_seqs", "eval_batches"):
@@ -108,7 +109,16 @@ class QualityConfig:
         self.lm_config()  # validates the model sizes
 
     def lm_config(self) -> LMConfig:
-        return LMConfig(self.vocab, self.width, self.layers, self.heads, self.seq_len, self.experts, seed=self.seed)
+        return LMConfig(
+            self.vocab,
+            self.width,
+            self.layers,
+            self.heads,
+            self.seq_len,
+            self.experts,
+            seed=self.seed,
+            ffn_kind=self.ffn_kind,
+        )
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,11 +46,14 @@ FIGURES: list[Callable[[ReportData], F.FigureOut | F.LeftOut]] = [
 
 _STAGE_TEXT = {
     "route": "the router's route() call: gate, choices, plan",
-    "dispatch": "permute kept token rows into the expert-major buffer (the einsum backend: the one-hot mask)",
-    "experts": "the SwiGLU expert FFNs over the permuted buffer",
+    "dispatch": "positions (who is kept, once per step) and permute of the kept token rows into the "
+    "expert-major buffer (the einsum backend: the one-hot mask)",
+    "experts": "the expert FFNs over the permuted buffer (SwiGLU, or a preset's ReLU FFN)",
     "combine": "gather expert outputs, weight by the gates, sum back to [T, D]",
-    "shared": "the shared FFN of a two-level router (nllb); 0 for routers without one",
+    "shared": "the shared FFN of a two-level router (nllb) and a preset's always-on shared experts; 0 without",
     "backward": "autograd backward through the layer (fwd+bwd mode only)",
+    "other": "each step's total minus its timed stages: Python between stages, the autograd engine's own "
+    "work, allocation",
     "total": "the whole step, wall clock, device-synchronised",
 }
 
@@ -92,7 +95,15 @@ GLOSSARY: dict[str, str] = {
     "bytes per copy), GB/s",
     "permute_copy_ratio": "permute_gbps / copy_gbps (1 = as fast as a plain copy)",
     "combine_copy_ratio": "combine_gbps / copy_gbps",
-    "expert_tflops": "6 rows D F / time_experts_median, TFLOP/s (SwiGLU: three [D, F] matmuls per row)",
+    "expert_tflops": "2 m rows D F / time_experts_median, TFLOP/s (m = 3 matmuls per row for SwiGLU, 2 for ReLU)",
+    "expert_path": "how the compact buffer's experts ran: grouped (one torch._grouped_mm per projection), split "
+    "(weights split once, one matmul per expert), bmm (padded layout)",
+    "workspace_bytes": "bytes of the reused permute/combine buffers (reuse_buffers), 0 without",
+    "model": "the model preset whose layer shape the configuration has (bench/models.py), empty for none",
+    "ffn_kind": "expert FFN: swiglu, or a two-matrix relu/gelu FFN",
+    "shared_ffn": "width of a preset's always-on shared experts (DeepSeek-V3: 2048), 0 for none",
+    "reuse_buffers": "permute and combine wrote into a reused workspace (forward only), as a GPU caching "
+    "allocator would give",
     **METRICS,
     "<metric>_se": "standard error of a routing metric: sample std over batches / sqrt(batches)",
 }

@@ -7,6 +7,7 @@ figures live in ``report.figures_routing``.
 from __future__ import annotations
 
 import numpy as np
+from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter, FuncFormatter
@@ -14,6 +15,8 @@ from matplotlib.ticker import EngFormatter, FuncFormatter
 from moe_routing_bench.bench.record import STAGES
 from moe_routing_bench.bench.report.data import ReportData, tokens_per_s_band
 from moe_routing_bench.bench.report.style import (
+    DPI,
+    FIGSIZE,
     LINESTYLES,
     MARKERS,
     MODE_ORDER,
@@ -77,7 +80,8 @@ def throughput(data: ReportData) -> FigureOut | LeftOut:
 
 def stages(data: ReportData) -> FigureOut | LeftOut:
     """Share of the step per stage, 100% stacked, so a slow router does not flatten the others;
-    each bar is labelled with its median total time and the table holds the seconds."""
+    each bar is labelled with its median total time and the table holds the seconds. One panel per
+    mode, stacked vertically, each as tall as its rows need (labels never overlap)."""
     name, title = "stages", "Where the time goes: share of the step per stage"
     df = data.slice(free=("mode",))
     stage_cols = [f"time_{s}_median" for s in STAGES if s != "total"]
@@ -88,41 +92,42 @@ def stages(data: ReportData) -> FigureOut | LeftOut:
     keys = [*run_cols(data), "label", "router_disp", "workload", "mode"]
     table = first_per(df, keys, [*stage_cols, "time_total_median"])
     modes = sorted(table["mode"].unique(), key=lambda m: (MODE_ORDER.get(m, 9), m))
-    fig, axes = new_figure(len(modes), sharey=True)
-    parts = [*stage_cols, "other"]
-    colors = colors_for(parts)
-    colors["other"] = (0.8, 0.8, 0.8)
-    labels = ordered(table["label"])[::-1]
-    ypos = np.arange(len(labels))
+    rows = [len(table[table["mode"] == m]) for m in modes]
+    fig = Figure(figsize=(FIGSIZE[0], min(2.2 + 0.26 * sum(rows), 40.0)), dpi=DPI, layout="constrained")
+    axes = fig.subplots(len(modes), 1, squeeze=False, height_ratios=[r + 1.5 for r in rows])[:, 0]
+    names = [c[5:-7] for c in stage_cols]
+    colors = colors_for(names)
+    if "other" in colors:
+        colors["other"] = (0.8, 0.8, 0.8)
     for ax, mode in zip(axes, modes, strict=True):
-        sub = table[table["mode"] == mode].set_index("label").reindex(labels)
-        secs = sub[stage_cols].fillna(0).to_numpy(float)
+        sub = table[table["mode"] == mode].sort_values("label", ascending=False)
+        secs = sub[stage_cols].fillna(0).clip(lower=0).to_numpy(float)
         total = sub["time_total_median"].to_numpy(float)
-        other = np.clip(np.nan_to_num(total) - secs.sum(axis=1), 0, None)
-        denom = np.where(secs.sum(axis=1) + other > 0, secs.sum(axis=1) + other, 1.0)
-        left = np.zeros(len(labels))
-        for k, c in enumerate(parts):
-            vals = (secs[:, k] if c != "other" else other) / denom * 100
-            if (vals > 0).any():  # a stage this mode never ran (backward in fwd) gets no bar
-                ax.barh(ypos, vals, left=left, color=colors[c], label=c[5:-7] if c != "other" else c)
-            left += vals
-        ax.set_yticks(ypos, [short(lab) for lab in labels])
-        for y, t in enumerate(total):
-            if np.isfinite(t):
-                ax.text(101, y, seconds_label(t), va="center", fontsize="small")
-        ax.set_xlim(0, 100)
-        ax.set_title(f"mode {mode}")
-        ax.set_xlabel("share of the median step (%)")
+        share = secs / np.where(secs.sum(axis=1, keepdims=True) > 0, secs.sum(axis=1, keepdims=True), 1.0) * 100
+        ypos = np.arange(len(sub))
+        left = np.zeros(len(sub))
+        for k, n in enumerate(names):
+            if (share[:, k] > 0).any():  # a stage this mode never ran (backward in fwd) gets no bar
+                ax.barh(ypos, share[:, k], left=left, color=colors[n], label=n, height=0.75)
+            left += share[:, k]
+        ax.set_yticks(ypos, [short(lab, 34) for lab in sub["label"]], fontsize="small")
+        for y, tt in enumerate(total):
+            if np.isfinite(tt):
+                ax.text(101.5, y, seconds_label(tt), va="center", fontsize="x-small")
+        ax.set_xlim(0, 117)
+        ax.set_xticks([0, 25, 50, 75, 100])
+        ax.set_ylim(-0.6, len(sub) - 0.4)
+        ax.set_title(f"mode {mode}", fontsize="medium", loc="left")
+    axes[-1].set_xlabel("share of the median step (%); at the right: the median step time")
     drawn = {lab for ax in axes for lab in ax.get_legend_handles_labels()[1]}
-    names = [c[5:-7] if c != "other" else c for c in parts]
-    handles = [Patch(color=colors[c]) for c, n in zip(parts, names, strict=True) if n in drawn]
-    legend_right(fig, handles, [n for n in names if n in drawn], "stage")
+    legend_right(fig, [Patch(color=colors[n]) for n in names if n in drawn], [n for n in names if n in drawn], "stage")
     titled(fig, title, data.describe(free=("mode",)))
     caption = (
-        "Median time of each stage over repeats as a share of the step; 'other' is the median total "
-        "step minus the stage medians (time between stages). Labels: median total step. Stages a "
-        "configuration never ran (backward in fwd mode, the shared expert for routers without one) have "
-        f"no bar. Seconds per stage are in the table. Slice: {data.describe(free=('mode',))}." + missing_note(data, df)
+        "Median time of each stage over repeats as a share of their sum; 'other' is each step's total minus "
+        "its timed stages (Python between stages, the autograd engine's own work, allocation), measured "
+        "per step. Labels: median total step. Stages a configuration never ran (backward in fwd mode, the "
+        "shared expert for routers without one) have no bar. Seconds per stage are in the table. Slice: "
+        f"{data.describe(free=('mode',))}." + missing_note(data, df)
     )
     table = table.drop(columns="label").rename(columns={"router_disp": "router"})
     return FigureOut(name, title, caption, fig, table)

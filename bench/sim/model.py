@@ -270,8 +270,10 @@ def simulate_step(
     dtype: str,
     hw: Hardware,
     ep_size: int | None = None,
+    matrices: int = 3,
 ) -> dict[str, Any]:
-    """Model one step on G devices; returns the ``sim.parquet`` measurements (seconds, bytes, rows)."""
+    """Model one step on G devices; returns the ``sim.parquet`` measurements (seconds, bytes, rows).
+    matrices: the expert FFN's [D, F] matrices (3 for SwiGLU, 2 for a ReLU/GELU FFN)."""
     experts = int(plans.kept_BE.shape[1])
     s = ep_group_size(devices, experts, ep_size)
     elt = ELEMENT_BYTES[canonical_dtype(dtype)]
@@ -288,8 +290,8 @@ def simulate_step(
     group_load = kept_GE.view(devices // s, s, experts).sum(1)  # [G / S, E]
     active_dev = (torch.arange(devices // s)[:, None] * s + owner_E[None, :])[group_load > 0]
     active_G = torch.bincount(active_dev, minlength=devices).double()
-    flops_G = 6.0 * rows_G * hidden * ffn
-    mem_G = 3.0 * hidden * ffn * elt * active_G + rows_G * (3 * hidden + 6 * ffn) * elt
+    flops_G = 2.0 * matrices * rows_G * hidden * ffn
+    mem_G = matrices * hidden * ffn * elt * active_G + rows_G * (3 * hidden + 2 * matrices * ffn) * elt
     t_comp_G = torch.maximum(flops_G / (hw.flops * 1e12), mem_G / (hw.mem_bw * 1e12))
 
     busy_G = t_dispatch_G + t_comp_G + t_combine_G

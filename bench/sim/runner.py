@@ -86,6 +86,9 @@ class SimSweep:
     ep_size: int | None = None
     top_k: int | None = None
     capacity_factor: CapacityFactor = DEFAULT
+    ffn: int | None = None  # F outright (a model preset); None: round(ffn_ratio * hidden)
+    ffn_kind: str = "swiglu"
+    model: str | None = None
 
     def check(self) -> None:
         """Refuse an impossible configuration before routing anything."""
@@ -110,7 +113,8 @@ class SimSweep:
 def simulate_rows(sweep: SimSweep, notes: Notes | None = None) -> list[dict[str, Any]]:
     """One row (without the run header) per router x workload x G x placement."""
     sweep.check()
-    ffn = ffn_width(sweep.hidden, sweep.ffn_ratio)
+    ffn = sweep.ffn or ffn_width(sweep.hidden, sweep.ffn_ratio)
+    matrices = 3 if sweep.ffn_kind == "swiglu" else 2
     options = {}
     for spec in sweep.routers:  # a bad option is refused before anything is routed
         opts = router_options(
@@ -147,6 +151,8 @@ def simulate_rows(sweep: SimSweep, notes: Notes | None = None) -> list[dict[str,
                         "plans": sweep.plans,
                         "seed": sweep.seed,
                         "ep_size": sweep.ep_size,
+                        "model": sweep.model,
+                        "ffn_kind": sweep.ffn_kind,
                         "hardware": dataclasses.asdict(sweep.hw),
                     }
                     hw = sweep.hw
@@ -174,7 +180,9 @@ def simulate_rows(sweep: SimSweep, notes: Notes | None = None) -> list[dict[str,
                             "inter_lat_us": hw.inter_lat,
                             "peak_tflops": hw.flops,
                             "mem_bw_TBps": hw.mem_bw,
-                            **simulate_step(plans, g, placement, sweep.hidden, ffn, sweep.dtype, hw, sweep.ep_size),
+                            **simulate_step(
+                                plans, g, placement, sweep.hidden, ffn, sweep.dtype, hw, sweep.ep_size, matrices
+                            ),
                         }
                     )
     return rows

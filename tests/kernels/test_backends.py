@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from moe_routing_bench.kernels import einsum_backend, torch_backend
 from moe_routing_bench.kernels.dispatch import analytic_buffer_bytes, make_dispatch
-from moe_routing_bench.kernels.experts import ExpertFFN, expert_flops
+from moe_routing_bench.kernels.experts import FFN_KINDS, ExpertFFN, expert_flops, grouped_mm_works
 from moe_routing_bench.kernels.layer import BACKENDS, STAGES, get_backend, moe_forward
 from moe_routing_bench.kernels.positions import positions
 from moe_routing_bench.kernels.reference import plain_moe_forward, plain_positions, random_plan
@@ -407,3 +407,69 @@ def test_backend_and_layer_validation():
         torch_backend.combine(torch.randn(5, 4), d, "compact")
     with pytest.raises(ValueError, match="hidden"):
         ExpertFFN(2, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# expert compute: every FFN kind and every path, values and gradients against the plain loop
+
+EXPERT_PATHS = ["split"] + (["grouped"] if grouped_mm_works("cpu", torch.float32) else [])
+
+
+@pytest.mark.parametrize("kind", FFN_KINDS)
+@pytest.mark.parametrize("path", EXPERT_PATHS)
+@pytest.mark.parametrize("backend, layout", PATHS)
+def test_expert_kinds_and_paths_match_plain_reference(kind, path, backend, layout):
+    # Drops and an empty expert in one plan; float32 so the grouped kernel runs where it can.
+    t, e, k, dim = 9, 5, 2, 8
+    token_R, expert_R, weight0_R = random_plan(t, e, k, seed=4, skew=0.6, empty=(2,))
+    cap = capacity_for(1.0, k, t, e)
+    ffn = ExpertFFN(e, dim, ffn=16, kind=kind, seed=3, path=path)
+    x0 = torch.randn(t, dim, generator=torch.Generator().manual_seed(5))
+    g_out = torch.randn(t, dim, generator=torch.Generator().manual_seed(6))
+    params = [p for p in (ffn.w_gate, ffn.w_up, ffn.w_down) if p is not None]
+
+    def grads(run):
+        ffn.zero_grad(set_to_none=True)
+        x, w = x0.clone().requires_grad_(True), weight0_R.clone().requires_grad_(True)
+        out = run(x, w)
+        (out * g_out).sum().backward()
+        return [out.detach(), x.grad, w.grad, *(p.grad.clone() for p in params)]
+
+    def fast(x, w):
+        return moe_forward(x, make_dispatch(token_R, expert_R, w, t, e, cap), ffn, backend=backend, layout=layout)[0]
+
+    got = grads(fast)
+    want = grads(lambda x, w: plain_moe_forward(x, token_R, expert_R, w, cap, ffn))
+    if layout == "compact":
+        assert ffn.last_path == path
+    for name, g, w in zip(["out", "x", "weight_R", *("w" * len(params))], got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5, msg=lambda m, n=name: f"{kind}/{path}: {n}: {m}")
+
+
+@pytest.mark.parametrize("path", EXPERT_PATHS)
+def test_backward_reaches_each_stacked_weight_through_one_node(path):
+    # Indexing one stacked weight per expert (w[e]) puts E SelectBackward nodes on each weight, and
+    # each writes a zero-filled copy of the whole [E, D, F] weight in backward: O(E^2 D F). The
+    # grouped and split paths reach each weight through one node (a grouped matmul, or one unbind).
+    e = 6
+    ffn = ExpertFFN(e, 8, ffn=8, seed=0, path=path)
+    counts = torch.tensor([2, 0, 3, 1, 1, 2])
+    y = ffn.forward_compact(torch.randn(9, 8, requires_grad=True), counts)
+    for w in (ffn.w_gate, ffn.w_up, ffn.w_down):
+        users = _nodes_reaching(y.grad_fn, w)
+        assert len(users) == 1, f"{path}: {len(users)} backward nodes reach one weight: {sorted(users)}"
+
+
+def _nodes_reaching(root, param) -> set[str]:
+    """Names of the backward nodes with an edge to ``param``'s gradient accumulator."""
+    seen, found, stack = set(), set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        for nxt, _ in node.next_functions:
+            if nxt is not None and getattr(nxt, "variable", None) is param:
+                found.add(f"{type(node).__name__}@{id(node)}")
+            stack.append(nxt)
+    return found

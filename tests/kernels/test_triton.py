@@ -434,3 +434,23 @@ def test_gpu_check_dry_run(tmp_path):
         "table.txt",
         "results.parquet",
     }
+
+
+def test_the_triton_backend_builds_its_dispatch_with_the_triton_positions_kernel(monkeypatch):
+    from moe_routing_bench.kernels.layer import dispatch_for
+
+    calls = []
+    real = triton_positions.positions
+
+    def counting(expert_R, num_experts, **kw):
+        calls.append(num_experts)
+        return real(expert_R, num_experts, **kw)
+
+    monkeypatch.setattr(triton_positions, "positions", counting)
+    token_R, expert_R, weight_R = random_plan(40, 6, 2, seed=2, skew=0.5)
+    d_triton = dispatch_for("triton", token_R, expert_R, weight_R, 40, 6, 9)
+    assert calls == [6]
+    d_torch = dispatch_for("torch", token_R, expert_R, weight_R, 40, 6, 9)
+    assert calls == [6]  # the torch backend keeps torch's positions
+    for name in ("rank_N", "kept_R", "requested_E", "counts_E", "row_N", "slot_N", "token_by_row_N"):
+        assert torch.equal(getattr(d_triton, name), getattr(d_torch, name)), name

@@ -223,3 +223,32 @@ def test_route_gives_hidden_states_to_routers_with_their_own_gate():
     )
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["config"]["form"] == "nllb"
+
+
+def test_route_with_a_model_preset_routes_as_that_model():
+    res = CliRunner().invoke(
+        main, ["route", "--model", "deepseek-v3", "-T", "512", "-B", "2", "--format", "json"], catch_exceptions=False
+    )
+    assert res.exit_code == 0, res.output
+    cfg = json.loads(res.stdout)["config"]
+    assert (cfg["router"], cfg["num_experts"], cfg["top_k"]) == ("deepseek-v3", 256, 8)
+    assert (cfg["form"], cfg["num_groups"], cfg["topk_group"], cfg["score_func"]) == ("groups", 8, 4, "sigmoid")
+    assert cfg["norm_topk_prob"] is True
+    # Another router at the model's shape: E comes from the model; a different -E is refused.
+    res = CliRunner().invoke(main, ["route", "--model", "mixtral-8x7b", "--router", "switch", "-T", "256", "-B", "1",
+                                    "--format", "json"])  # fmt: skip
+    assert res.exit_code == 0 and json.loads(res.stdout)["config"]["num_experts"] == 8
+    res = CliRunner().invoke(main, ["route", "--model", "mixtral-8x7b", "-E", "64"])
+    assert res.exit_code == 2 and "--experts 64 conflicts with --model mixtral-8x7b" in res.output
+
+
+def test_list_models_shows_every_preset_with_its_shape():
+    res = CliRunner().invoke(main, ["list", "models"], catch_exceptions=False)
+    assert res.exit_code == 0
+    for name in ("switch-base-128", "nllb-moe-54b", "mixtral-8x7b", "mixtral-8x22b", "dbrx", "olmoe-1b-7b",
+                 "qwen3-30b-a3b", "qwen3-235b-a22b", "deepseek-v3", "gpt-oss-120b"):  # fmt: skip
+        assert name in res.output
+    line = next(ln for ln in res.output.splitlines() if ln.startswith("deepseek-v3"))
+    assert "7168" in line and "2048" in line and "256" in line and "58/61" in line
+    res = CliRunner().invoke(main, ["route", "--model", "nope"])
+    assert res.exit_code == 2 and "unknown model 'nope'; valid models:" in res.output
