@@ -75,6 +75,12 @@ def grouped_mm_works(device: torch.device | str, dtype: torch.dtype) -> bool:
 def _probe(dev: torch.device, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
+    # Whatever mode the caller is in (no_grad, inference_mode), the probe needs autograd.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _probe_grad(dev, dtype)
+
+
+def _probe_grad(dev: torch.device, dtype: torch.dtype) -> bool:
     try:
         gen = torch.Generator().manual_seed(0)
         counts = torch.tensor([3, 0, 5], dtype=torch.int64)

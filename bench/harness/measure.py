@@ -91,6 +91,9 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
         if backward:
             batch = dataclasses.replace(batch, logits_TE=batch.logits_TE.detach().requires_grad_(True))
             x_TD = x_TD.detach().requires_grad_(True)
+            for m in (ffn, gated, always):  # a training step starts from no gradients (zero_grad)
+                if m is not None:
+                    m.zero_grad(set_to_none=True)
         total: list[float] = []
         with stopwatch(device, total), torch.set_grad_enabled(backward):
             with timer("route"):

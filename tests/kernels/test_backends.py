@@ -473,3 +473,16 @@ def _nodes_reaching(root, param) -> set[str]:
                 found.add(f"{type(node).__name__}@{id(node)}")
             stack.append(nxt)
     return found
+
+
+def test_the_grouped_probe_answers_the_same_in_any_grad_mode(monkeypatch):
+    # The probe runs a backward: asked first inside no_grad or inference_mode (a forward-only
+    # sweep point, routing alone), it must not cache "does not run" for the whole process.
+    from moe_routing_bench.kernels import experts
+
+    monkeypatch.setattr(experts, "_PROBED", {})
+    free = experts.grouped_mm_works("cpu", torch.float32)
+    for mode in (torch.no_grad, torch.inference_mode):
+        monkeypatch.setattr(experts, "_PROBED", {})
+        with mode():
+            assert experts.grouped_mm_works("cpu", torch.float32) == free
