@@ -28,6 +28,7 @@ from moe_routing_bench.bench.moe_layer import run_layer
 from moe_routing_bench.bench.record import STAGES, TIMED_STAGES
 from moe_routing_bench.bench.routing import wants_fit
 from moe_routing_bench.bench.timing import (
+    CpuHeap,
     RssSampler,
     StageTimer,
     copy_seconds,
@@ -123,17 +124,29 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
     loads: list[dict[str, Any]] = []
     split = DropSplit(batches[point.warmup :])
     is_cuda = device.type == "cuda"
-    # Memory is sampled from before the first warm-up step: the allocator keeps what warm-up
-    # freed, so a baseline taken after it would hide the layer's working set.
-    sampler = None if is_cuda else RssSampler()
+    # Memory is measured from before the first warm-up step: the allocator keeps what warm-up
+    # freed, so a baseline taken after it would hide the layer's working set. On CPU the heap is
+    # exact (RSS = live tensors) while memory is measured, over the warm-up steps, then caching
+    # (pages reused, as a GPU allocator would) for the timed steps; see timing.CpuHeap.
+    heap = None if is_cuda else CpuHeap()
+    sampler = meter = None if is_cuda else RssSampler()
     if is_cuda:
         torch.cuda.synchronize(device)
         base_mem = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        heap.exact()
+        heap.release()  # what earlier configurations freed leaves RSS before the baseline
         sampler.__enter__()
     try:
         for i in range(n_batches):
+            if heap is not None and i == point.warmup > 0 and heap.available:
+                sampler.__exit__(None, None, None)
+                sampler = None  # the peak is the warm-up steps'
+                heap.caching()
+                # One untimed, unrecorded step (no router update) fills the caching heap, so the
+                # first timed step does not pay the first touch the others are spared.
+                step(batches[i - 1], hidden[i - 1])
             times, plan, d = step(batches[i], hidden[i])
             if i >= point.warmup:  # warm-up steps route too: a stateful router sees every batch
                 for s in STAGES:
@@ -152,7 +165,10 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
     finally:
         if sampler is not None:
             sampler.__exit__(None, None, None)
-    peak = torch.cuda.max_memory_allocated(device) - base_mem if is_cuda else float(sampler.peak - sampler.base)
+        if heap is not None:
+            heap.exact()
+            heap.release()
+    peak = torch.cuda.max_memory_allocated(device) - base_mem if is_cuda else float(meter.peak - meter.base)
     row = _cost_row(point, ffn, plan, d, dtype, device, stage_times, peak, workspace)
     for key, (mean, se) in aggregate(per_batch).items():
         row[key] = mean
