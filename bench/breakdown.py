@@ -21,6 +21,7 @@ so the plans are the same.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -76,7 +77,7 @@ class _Counts:
         self.requests += torch.bincount(bucket_R, minlength=n)
         self.kept += torch.bincount(bucket_R if kept_R is None else bucket_R[kept_R], minlength=n)
 
-    def table(self, names: tuple[str, ...], whole_batch: bool) -> dict[str, dict[str, Any]]:
+    def table(self, names: tuple[str, ...], experts_choose: bool) -> dict[str, dict[str, Any]]:
         total = int(self.tokens.sum())
         out = {}
         for i, name in enumerate(names):
@@ -85,7 +86,7 @@ class _Counts:
                 "tokens": tok,
                 "token_share": tok / total if total else math.nan,
                 "requests": req,
-                "drop_rate": math.nan if whole_batch or req == 0 else 1.0 - int(self.kept[i]) / req,
+                "drop_rate": math.nan if experts_choose or req == 0 else 1.0 - int(self.kept[i]) / req,
                 "tokens_dropped_frac": 1.0 - int(self.served[i]) / tok if tok else math.nan,
             }
         return out
@@ -95,18 +96,26 @@ def breakdown(
     router: Router,
     make_batches: Callable[[], Iterable[Batch]],
     fit_sample: Batch | None = None,
+    warmup: int = 0,
 ) -> dict[str, Any]:
-    """Route the batches again with a fresh copy of ``router`` and split drops by bucket."""
-    ids_U, bucket_U = frequency_table(make_batches())
+    """Route the batches again with a fresh copy of ``router`` and split drops by bucket.
+
+    warmup: the first ``warmup`` batches are routed (and ``update`` sees them, so a stateful
+    router replays the measured pass) but not counted.
+    """
+    ids_U, bucket_U = frequency_table(itertools.islice(make_batches(), warmup, None))
     fresh = type(router)(router.config)
     if fit_sample is not None:
         fresh.fit(fit_sample)
     freq, pos = _Counts(len(FREQ_BUCKETS)), _Counts(len(POS_BUCKETS))
-    whole_batch = False
+    experts_choose = False
     with torch.inference_mode():
-        for batch in make_batches():
+        for b, batch in enumerate(make_batches()):
             plan = fresh.route(batch)
-            whole_batch = whole_batch or plan.looks_at_whole_batch
+            if b < warmup:
+                fresh.update(plan)
+                continue
+            experts_choose = experts_choose or plan.experts_choose
             token_R = plan.token_R.detach().cpu()
             kept_R = None
             if plan.capacity is not None:
@@ -119,6 +128,6 @@ def breakdown(
             pos.add(position_quartile(batch.seq_T, plan.num_tokens), served_T, token_R, kept_R)
             fresh.update(plan)
     return {
-        "token_frequency": freq.table(FREQ_BUCKETS, whole_batch),
-        "position": pos.table(POS_BUCKETS, whole_batch),
+        "token_frequency": freq.table(FREQ_BUCKETS, experts_choose),
+        "position": pos.table(POS_BUCKETS, experts_choose),
     }
