@@ -104,7 +104,8 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
     else:
         sampler_ctx.__enter__()
     for i in range(point.warmup):
-        step(i, batches[i], hidden[i])
+        # A stateful router (bias balancing) carries its state through every batch it routes.
+        router.update(step(i, batches[i], hidden[i])[1])
     try:
         for i in range(point.warmup, n_batches):
             times, plan = step(i, batches[i], hidden[i])
@@ -184,8 +185,8 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
         row[f"{key}_se"] = se
     assert set(METRICS) <= set(row)
     # Drops by token frequency and by position in the sequence, over the timed batches (a second,
-    # untimed routing pass with a fresh router of the same config).
-    split = breakdown(router, lambda: batches[point.warmup :], fit_sample)
+    # untimed routing pass with a fresh router of the same config, through the same warm-up).
+    split = breakdown(router, lambda: batches, fit_sample, warmup=point.warmup)
     bd = [
         {"kind": kind, "bucket": bucket, **vals}
         for kind, key in (("frequency", "token_frequency"), ("position", "position"))
