@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_routing_bench.bench.metrics import batch_metrics
+from moe_routing_bench.bench.routing import wants_fit
 from moe_routing_bench.bench.spec import Spec, router_options
 from moe_routing_bench.bench.timing import time_alternating
 from moe_routing_bench.kernels.positions import positions
@@ -74,6 +75,9 @@ def route_cost(
         for spec in specs:
             opts = router_options(spec, experts=experts, seed=0, top_k=top_k)
             router = build_router(spec.name, **opts)
+            if wants_fit(router):  # hash[variant=balanced]: a separate slice of ids, untimed
+                fit_ids = torch.randint(0, 50_000, (tokens,), generator=gen)
+                router.fit(Batch(logits_TE=logits_TE[: fit_ids.shape[0]], token_T=fit_ids))
             t = tokens if spec.name != "dense" or dense_tokens <= 0 else min(dense_tokens, tokens)
             logits = logits_TX if opts.get("gate_source") == "logit_column" else logits_TE
             b = Batch(logits_TE=logits[:t], token_T=token_T[:t])
