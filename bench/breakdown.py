@@ -75,7 +75,7 @@ class _Counts:
         self.requests += torch.bincount(bucket_R, minlength=n)
         self.kept += torch.bincount(bucket_R if kept_R is None else bucket_R[kept_R], minlength=n)
 
-    def table(self, names: tuple[str, ...], whole_batch: bool) -> dict[str, dict[str, Any]]:
+    def table(self, names: tuple[str, ...], experts_choose: bool) -> dict[str, dict[str, Any]]:
         total = int(self.tokens.sum())
         out = {}
         for i, name in enumerate(names):
@@ -84,7 +84,7 @@ class _Counts:
                 "tokens": tok,
                 "token_share": tok / total if total else math.nan,
                 "requests": req,
-                "drop_rate": math.nan if whole_batch or req == 0 else 1.0 - int(self.kept[i]) / req,
+                "drop_rate": math.nan if experts_choose or req == 0 else 1.0 - int(self.kept[i]) / req,
                 "tokens_dropped_frac": 1.0 - int(self.served[i]) / tok if tok else math.nan,
             }
         return out
@@ -101,12 +101,12 @@ class DropSplit:
     def __init__(self, batches: Iterable[Batch]) -> None:
         self.ids_U, self.bucket_U = frequency_table(batches)
         self.freq, self.pos = _Counts(len(FREQ_BUCKETS)), _Counts(len(POS_BUCKETS))
-        self.whole_batch = False
+        self.experts_choose = False
 
     def add(self, batch: Batch, plan: Plan, kept_R: torch.Tensor | None = None) -> None:
         """Count one routed batch. kept_R: the plan's kept mask (its Dispatch's ``kept_R``);
         computed here when not given and the plan has a capacity."""
-        self.whole_batch = self.whole_batch or plan.looks_at_whole_batch
+        self.experts_choose = self.experts_choose or plan.experts_choose
         token_R = plan.token_R.detach().cpu()
         if plan.capacity is None:
             kept_R = None
@@ -123,6 +123,6 @@ class DropSplit:
     def table(self) -> dict[str, Any]:
         """{'token_frequency': {bucket: row}, 'position': {bucket: row}} (see the module docstring)."""
         return {
-            "token_frequency": self.freq.table(FREQ_BUCKETS, self.whole_batch),
-            "position": self.pos.table(POS_BUCKETS, self.whole_batch),
+            "token_frequency": self.freq.table(FREQ_BUCKETS, self.experts_choose),
+            "position": self.pos.table(POS_BUCKETS, self.experts_choose),
         }

@@ -11,7 +11,13 @@ R_e (assignments asked of expert e before capacity) and kept load L_e:
 - load_entropy        -sum q log q / log E with q = R / sum R (1.0 = perfectly even)
 - experts_unused      number of experts with R_e = 0
 - gate_mass_kept      sum of kept gate weights / sum of requested gate weights
+- top_k_effective     requested assignments per token (the mean K; it varies per token for topp)
 - aux_loss, z_loss    as the router defines them (NaN where it defines none)
+- aux_loss_seq        DeepSeek-V3's sequence-wise balance loss (NaN without sequence ids)
+- router_iters        iterations an iterative router used (sinkhorn; NaN for the others)
+
+Direction for ``compare``: :data:`HIGHER_IS_BETTER` and :data:`LOWER_IS_BETTER`; a metric in
+neither (top_k_effective, router_iters) is reported as changed, never as a regression.
 """
 
 from __future__ import annotations
@@ -36,9 +42,28 @@ METRICS: dict[str, str] = {
     "load_entropy": "-sum q log q / log E with q = R / sum R (1 = even)",
     "experts_unused": "experts with no requested assignment",
     "gate_mass_kept": "kept gate weight / requested gate weight",
+    "top_k_effective": "requested assignments per token R / T: the mean K (varies per token for topp)",
     "aux_loss": "E / (K T) sum_e R_e P_e (1.0 at perfect balance)",
+    "aux_loss_seq": "DeepSeek-V3's sequence-wise balance loss: mean over sequences s of E / (K_s T_s) "
+    "sum_e R_e^s P_e^s (1.0 when every sequence routes evenly; NaN without sequence ids or aux loss)",
     "z_loss": "mean(logsumexp(logits)^2)",
+    "router_iters": "iterations an iterative router used per batch (sinkhorn's balancing; NaN for the others)",
 }
+HIGHER_IS_BETTER = frozenset({"gate_mass_kept", "load_entropy"})
+LOWER_IS_BETTER = frozenset(
+    {
+        "drop_rate",
+        "tokens_dropped_frac",
+        "imbalance",
+        "imbalance_kept",
+        "maxvio",
+        "load_cv",
+        "experts_unused",
+        "aux_loss",
+        "aux_loss_seq",
+        "z_loss",
+    }
+)
 
 
 @dataclass
@@ -78,7 +103,7 @@ def batch_metrics(
     n_kept = int(kept_E.sum())
 
     # A router that chose the tokens itself was refused nothing: its drop rate is undefined.
-    drop_rate = math.nan if plan.looks_at_whole_batch else (1.0 - n_kept / n_req if n_req else 0.0)
+    drop_rate = math.nan if plan.experts_choose else (1.0 - n_kept / n_req if n_req else 0.0)
 
     kept_tokens = plan.token_R if kept_R is None else plan.token_R[kept_R]
     served_T = torch.zeros(t, dtype=torch.bool, device=plan.token_R.device)
@@ -96,8 +121,11 @@ def batch_metrics(
         **load_stats(requested_E),
         "imbalance_kept": _imbalance(kept_E),
         "gate_mass_kept": gate_mass_kept,
+        "top_k_effective": n_req / t,
         "aux_loss": _scalar(plan.aux_loss),
+        "aux_loss_seq": _scalar(plan.aux_loss_seq),
         "z_loss": _scalar(plan.z_loss),
+        "router_iters": _scalar(plan.extras.get("iterations")),
     }
     return {k: out[k] for k in METRICS}, BatchLoads(requested_E=requested_E, kept_E=kept_E)
 

@@ -1,3 +1,3 @@
 """Importing this module registers every built-in router."""
 
-from . import dense, expert_choice, gshard, hashing, hierarchical, switch, topk  # noqa: F401
+from . import dense, expert_choice, gshard, hashing, hierarchical, sinkhorn, switch, topk, topp  # noqa: F401

@@ -130,7 +130,10 @@ class Plan:
     capacity:          C per expert, or None for dropless.
     top_k:             K used in the capacity formula (mean choices per token).
     aux_loss, z_loss:  scalar tensors, or None where the router defines none.
-    extras:            router-specific tensors (e.g. nllb's shared-branch weight per token).
+    aux_loss_seq:      DeepSeek-V3's sequence-wise balance loss (:func:`sequence_balance_loss`),
+                       where the batch has sequence ids and the router an aux loss; else None.
+    extras:            router-specific tensors (e.g. nllb's shared-branch weight per token;
+                       ``iterations``, how many an iterative router such as sinkhorn used).
     """
 
     token_R: torch.Tensor
@@ -142,10 +145,15 @@ class Plan:
     top_k: float
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
+    aux_loss_seq: torch.Tensor | None = None
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
-    # Routers that choose tokens per expert (expert choice) see the whole batch: a decoder
-    # could not route this way at inference, and reports say so.
+    # Routers whose choices depend on the whole batch (expert choice picks tokens per expert,
+    # sinkhorn balances columns over it): a decoder could not route this way at inference, and
+    # reports say so.
     looks_at_whole_batch: bool = False
+    # Experts picked their tokens (expert choice): capacity refuses no request, so the drop rate
+    # is undefined (NaN) while tokens no expert took still count in tokens_dropped_frac.
+    experts_choose: bool = False
 
     def __post_init__(self) -> None:
         r = self.token_R.shape[0]
@@ -190,6 +198,32 @@ def load_balancing_loss_from_mean(
     return (e / (top_k * num_tokens)) * torch.dot(load_E, mean_prob_E)
 
 
+def sequence_balance_loss(
+    scores_TE: torch.Tensor, token_R: torch.Tensor, expert_R: torch.Tensor, seq_T: torch.Tensor | None
+) -> torch.Tensor | None:
+    """DeepSeek-V3's sequence-wise balance loss, without its coefficient: for each sequence s,
+    ``sum_e f_e P_e`` with ``f_e = E / (K_s T_s) * R_e^s`` (R_e^s the assignments its tokens
+    requested of expert e, K_s = R^s / T_s the requests per token) and ``P_e`` the mean over its
+    T_s tokens of the per-token normalised scores; then the mean over the batch's sequences. 1.0
+    when every sequence routes evenly; the batch's :func:`load_balancing_loss` when it is one sequence.
+
+    scores_TE: [T, E] scores normalised per token (rows sum to 1; differentiable).
+    token_R, expert_R: [R] the requested assignments. seq_T: [T] sequence ids, or None (then None).
+    """
+    if seq_T is None:
+        return None
+    e = scores_TE.shape[1]
+    _, seq_T = torch.unique(seq_T.to(scores_TE.device), return_inverse=True)  # ids 0..S-1
+    s = int(seq_T.max()) + 1
+    count_SE = torch.bincount(seq_T[token_R] * e + expert_R, minlength=s * e).view(s, e).to(scores_TE.dtype)
+    tokens_S = torch.bincount(seq_T, minlength=s).to(scores_TE.dtype)
+    mean_SE = scores_TE.new_zeros(s, e).index_add(0, seq_T, scores_TE) / tokens_S[:, None]
+    requests_S = count_SE.sum(dim=1)
+    asked_S = requests_S > 0  # a sequence whose tokens requested nothing has no balance to score
+    loss_S = e * (count_SE * mean_SE).sum(dim=1)[asked_S] / requests_S[asked_S]
+    return loss_S.mean()
+
+
 def z_loss(logits_TE: torch.Tensor, lse_T: torch.Tensor | None = None) -> torch.Tensor:
     """Router z-loss ``mean(logsumexp(logits)^2)`` (ST-MoE). ``lse_T``: a logsumexp the router
     already computed, to save a pass over [T, E]."""
@@ -207,9 +241,14 @@ def softmax_lse(logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Returns probs_TE [T, E] and lse_T [T] in logits' dtype.
     """
     probs_TE = torch.softmax(logits_TE, dim=-1)
+    return probs_TE, logsumexp_from_softmax(logits_TE, probs_TE)
+
+
+def logsumexp_from_softmax(logits_TE: torch.Tensor, probs_TE: torch.Tensor) -> torch.Tensor:
+    """[T] ``logsumexp(logits)`` as ``x[t, j] - log(p[t, j])`` at j = the argmax, where p >= 1/E
+    keeps the log accurate: one max pass over the softmax a router already has."""
     top_T, idx_T = probs_TE.max(dim=-1)
-    lse_T = logits_TE.gather(1, idx_T[:, None]).squeeze(1) - top_T.log()
-    return probs_TE, lse_T
+    return logits_TE.gather(1, idx_T[:, None]).squeeze(1) - top_T.log()
 
 
 # --------------------------------------------------------------------------------------------
@@ -312,6 +351,12 @@ class Router:
     def route(self, batch: Batch) -> Plan:
         raise NotImplementedError
 
+    @property
+    def stateful(self) -> bool:
+        """Whether ``update`` carries state from batch to batch (then jobs that split a step across
+        ranks give it the whole step's plan). Default: whether the class overrides ``update``."""
+        return type(self).update is not Router.update
+
     def fit(self, sample: Batch) -> None:
         """Learn what the router needs from a separate slice of the stream (default: nothing)."""
 
@@ -322,9 +367,14 @@ class Router:
         return f"{type(self).__name__}({self.config})"
 
 
-def choice_major(expert_TK: torch.Tensor, weight_TK: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Flatten [T, K] choices into requests ordered choice-major: every first choice (in token
-    order) before any second choice. Returns token_R, expert_R, weight_R."""
+def choice_major(
+    expert_TK: torch.Tensor, weight_TK: torch.Tensor, order_T: torch.Tensor | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Flatten [T, K] choices into requests ordered choice-major: every first choice before any
+    second choice, tokens in token order inside each (or in ``order_T``'s order, a permutation of
+    the T tokens: random token selection). Returns token_R, expert_R, weight_R."""
     t, k = expert_TK.shape
-    token_R = torch.arange(t, device=expert_TK.device).repeat(k)
-    return token_R, expert_TK.t().reshape(-1), weight_TK.t().reshape(-1)
+    if order_T is None:
+        token_R = torch.arange(t, device=expert_TK.device).repeat(k)
+        return token_R, expert_TK.t().reshape(-1), weight_TK.t().reshape(-1)
+    return order_T.repeat(k), expert_TK[order_T].t().reshape(-1), weight_TK[order_T].t().reshape(-1)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .contract import Batch, Plan, Router, RouterConfig, RoutingError, softmax_lse, z_loss
+from .contract import Batch, Plan, Router, RouterConfig, RoutingError, sequence_balance_loss, softmax_lse, z_loss
 from .options import fixed
 from .registry import register_router
 
@@ -78,4 +78,5 @@ class DenseRouter(Router):
             # E / (E T) * sum_e T * P_e = sum_e P_e = 1: no bincount over T * E requests needed.
             aux_loss=probs_TE.mean(dim=0).sum(),
             z_loss=z_loss(logits_TE, lse_T),
+            aux_loss_seq=sequence_balance_loss(probs_TE, token_R, expert_R, batch.seq_T),
         )

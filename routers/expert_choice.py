@@ -6,7 +6,8 @@ per token (default 2, matching top-2's compute), so cf is the same slack knob as
 router. The gate of an assignment is the score itself. A token may be chosen by 0..E experts.
 
 The plan lists each expert's chosen tokens, expert-major, by score descending, with capacity C:
-``positions`` keeps exactly those C per expert, so nothing is ever "dropped" (drop_rate is NaN)
+``positions`` keeps exactly those C per expert (among equal scores, the lower token index wins a
+slot: ``routers.selection``), so nothing is ever "dropped" (drop_rate is NaN)
 while ``tokens_dropped_frac`` counts tokens no expert chose. Choosing per expert needs the whole
 batch, so a decoder could not route this way at inference; the plan says so
 (``looks_at_whole_batch``). No auxiliary loss: the balance is perfect by construction.
@@ -22,6 +23,7 @@ import torch
 
 from .contract import Batch, Plan, Router, RouterConfig, RoutingError, softmax_lse, z_loss
 from .registry import register_router
+from .selection import top_indices
 
 
 @dataclass(frozen=True)
@@ -56,11 +58,11 @@ class ExpertChoiceRouter(Router):
         # capacity() clamps to [1, T] before min_capacity; an expert cannot take more than T tokens.
         c = min(cfg.capacity_for(t), t)
         probs_TE, lse_T = softmax_lse(logits_TE)
-        # Each expert's row of a contiguous [E, T] transpose, then an unsorted topk and a sort of
-        # the C winners (score descending): 1.6x faster on CPU than a sorted topk on the view.
-        top_EC, token_EC = torch.topk(probs_TE.t().contiguous(), c, dim=-1, sorted=False)
-        gate_EC, order_EC = torch.sort(top_EC, dim=-1, descending=True, stable=True)
-        token_EC = torch.gather(token_EC, 1, order_EC)
+        # Each expert's row of a contiguous [E, T] transpose (topk on the view is 1.6x slower on
+        # CPU): its C best tokens by score, the lower token index first among equal scores.
+        probs_ET = probs_TE.t().contiguous()
+        token_EC = top_indices(probs_ET, c)
+        gate_EC = probs_ET.gather(1, token_EC)
         expert_R = torch.arange(e, device=logits_TE.device).repeat_interleave(c)
         return Plan(
             token_R=token_EC.reshape(-1),
@@ -73,4 +75,5 @@ class ExpertChoiceRouter(Router):
             aux_loss=None,
             z_loss=z_loss(logits_TE, lse_T),
             looks_at_whole_batch=True,
+            experts_choose=True,
         )

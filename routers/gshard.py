@@ -5,7 +5,13 @@ first choice is always requested. The second is requested only if ``U < 2 * g2``
 ``U ~ Uniform(0, 1)`` and g2 the *renormalised* second gate (at most 0.5, so the test is just
 "keep with probability 2 g2"): a token that clearly prefers one expert rarely spends a slot on its
 second. A second choice skipped this way is absent from the plan: it takes no slot and is not a
-drop. ``second_policy="always"`` keeps every second choice (plain top-2 of the softmax).
+drop. ``second_policy="always"`` keeps every second choice (plain top-2 of the softmax). Among
+equal probabilities the lower expert index is chosen first (``routers.selection``).
+
+``bias_update_rate`` adds auxiliary-loss-free bias balancing (``routers.balancing``): the two
+choices are then the top-2 of ``softmax + b`` and the gates their unbiased probabilities,
+renormalised as above (the biased first choice may then have the smaller gate; the second is kept
+with probability ``min(1, 2 g2)``).
 
 Priority is choice-major: every first choice in token order, then the surviving second choices in
 token order. The capacity is GShard's ``2 T / E`` per unit of capacity factor: the shared formula
@@ -26,9 +32,19 @@ from typing import Literal
 
 import torch
 
-from .contract import Batch, Plan, Router, RouterConfig, RoutingError, load_balancing_loss, z_loss
+from .balancing import BiasBalancedConfig, BiasBalancedRouter
+from .contract import (
+    Batch,
+    Plan,
+    RoutingError,
+    load_balancing_loss,
+    logsumexp_from_softmax,
+    sequence_balance_loss,
+    z_loss,
+)
 from .options import fixed
 from .registry import register_router
+from .selection import top_indices
 
 SECOND_POLICIES = ("random", "always")
 
@@ -40,15 +56,25 @@ def check_second_policy(value: object) -> None:
         raise RoutingError(f"second_policy must be one of {allowed} (got {value!r})")
 
 
-def softmax_top2(logits_TE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax, its two largest entries, and the logsumexp, in two passes over [T, E].
+def softmax_top2(
+    logits_TE: torch.Tensor, router: BiasBalancedRouter | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax, the two chosen experts and their probabilities, and the logsumexp.
 
-    Returns probs_TE [T, E], top_p_T2 [T, 2] (g1 >= g2, raw softmax), expert_T2 [T, 2] int64 and
-    lse_T [T] (``x[e1] - log g1``, exact since g1 >= 1/E; saves a logsumexp pass for the z-loss).
+    The choices are the two largest logits (the two largest probabilities, with ties to the lower
+    expert index), or, when ``router`` balances by bias, the two largest ``softmax + b``.
+    Returns probs_TE [T, E], top_p_T2 [T, 2] (the chosen experts' raw softmax probabilities,
+    differentiable), expert_T2 [T, 2] int64 and lse_T [T] (for the z-loss).
     """
     probs_TE = torch.softmax(logits_TE, dim=-1)
-    top_p_T2, expert_T2 = torch.topk(probs_TE, 2, dim=-1)
-    lse_T = logits_TE.gather(1, expert_T2[:, :1]).squeeze(1) - top_p_T2[:, 0].log()
+    biased_TE = None if router is None else router.selection_scores(probs_TE)
+    expert_T2 = top_indices(logits_TE if biased_TE is None else biased_TE, 2)
+    top_p_T2 = probs_TE.gather(1, expert_T2)
+    if biased_TE is None:
+        # g1 is the largest probability (>= 1/E): x[e1] - log g1 is the logsumexp, no extra pass.
+        lse_T = logits_TE.gather(1, expert_T2[:, :1]).squeeze(1) - top_p_T2[:, 0].log()
+    else:
+        lse_T = logsumexp_from_softmax(logits_TE, probs_TE)
     return probs_TE, top_p_T2, expert_T2, lse_T
 
 
@@ -67,8 +93,9 @@ def gshard_requests(
     second choices in token order.
     """
     t = top_p_T2.shape[0]
-    # g1 >= 1/E > 0, so the denominator never vanishes.
-    gate_T2 = top_p_T2 / top_p_T2.sum(dim=-1, keepdim=True)
+    # g1 + g2 > 0: without a bias g1 >= 1/E; with one, probabilities of finite logits are > 0
+    # unless they underflow, and the floor keeps such a row finite.
+    gate_T2 = top_p_T2 / top_p_T2.sum(dim=-1, keepdim=True).clamp_min(1e-30)
     first_T = torch.arange(t, device=top_p_T2.device)
     if uniform_T is None:
         second_S = first_T
@@ -89,7 +116,7 @@ def draw_uniform(gen: torch.Generator, num_tokens: int, device: torch.device) ->
 
 
 @dataclass(frozen=True)
-class GShardConfig(RouterConfig):
+class GShardConfig(BiasBalancedConfig):
     """top_k is fixed at 2. second_policy: `random` (keep the second choice iff U < 2 g2, GShard's
     random routing) or `always`. capacity_factor 1.0 gives GShard's expert capacity 2T/E; None is
     dropless."""
@@ -110,7 +137,7 @@ class GShardConfig(RouterConfig):
 
 
 @register_router("gshard")
-class GShardRouter(Router):
+class GShardRouter(BiasBalancedRouter):
     """Top-2 (GShard): softmax, gates g/(g1+g2), second kept iff U < 2 g2; choice-major priority."""
 
     config_cls = GShardConfig
@@ -125,7 +152,7 @@ class GShardRouter(Router):
         cfg = self.config
         logits_TE = batch.logits_TE.float()
         t = logits_TE.shape[0]
-        probs_TE, top_p_T2, expert_T2, lse_T = softmax_top2(logits_TE)
+        probs_TE, top_p_T2, expert_T2, lse_T = softmax_top2(logits_TE, self)
         uniform_T = draw_uniform(self._gen, t, logits_TE.device) if cfg.second_policy == "random" else None
         token_R, expert_R, weight_R = gshard_requests(top_p_T2, expert_T2, uniform_T)
         return Plan(
@@ -140,4 +167,5 @@ class GShardRouter(Router):
             # K is the requests per token actually made, so the loss stays 1.0 at perfect balance.
             aux_loss=load_balancing_loss(probs_TE, expert_R, expert_R.numel() / t),
             z_loss=z_loss(logits_TE, lse_T),
+            aux_loss_seq=sequence_balance_loss(probs_TE, token_R, expert_R, batch.seq_T),
         )

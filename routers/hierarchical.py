@@ -19,8 +19,13 @@ then has E + 1 columns.
 experts). Scores are softmax or sigmoid over E (``score_func``); the E experts form ``num_groups``
 equal groups; a group's score is the sum of its top-2 expert scores (top-1 when a group has one
 expert); the top ``topk_group`` groups are kept; the top-K experts inside them are chosen; gates
-are the chosen scores, divided by their sum when ``norm_topk_prob``. No bias term (that is the
-auxiliary-loss-free balancer's ``update``) and no routed scaling factor.
+are the chosen scores, divided by their sum when ``norm_topk_prob``. No routed scaling factor.
+Ties go to the lower group, then the lower expert index.
+
+``bias_update_rate`` (both forms) adds DeepSeek-V3's auxiliary-loss-free bias
+(``routers.balancing``): in ``groups``, group scores and choices are computed on ``score + b`` (as
+DeepSeek-V3's ``e_score_correction_bias``), gates from the unbiased scores; in ``nllb``, on the
+level-2 softmax as in ``gshard``.
 
 Defaults: ``num_groups=4, topk_group=2, top_k=2``, which validate for every E divisible by 4 that
 the CLI uses (8, 16, 64, 256); DeepSeek-V3 itself is E=256, num_groups=8, topk_group=4, top_k=8.
@@ -35,48 +40,69 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
+from .balancing import BiasBalancedConfig, BiasBalancedRouter
 from .contract import (
     Batch,
     Plan,
-    Router,
-    RouterConfig,
     RoutingError,
     choice_major,
     load_balancing_loss,
     load_balancing_loss_from_mean,
+    sequence_balance_loss,
     softmax_lse,
     z_loss,
 )
 from .gshard import check_second_policy, draw_uniform, gshard_requests, softmax_top2
 from .registry import register_router
+from .selection import top_indices
 
 
-def group_limited_topk(
-    scores_TE: torch.Tensor, num_groups: int, topk_group: int, top_k: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def group_limited_topk(scores_TE: torch.Tensor, num_groups: int, topk_group: int, top_k: int) -> torch.Tensor:
     """DeepSeek-V3's selection: top-K experts among the top ``topk_group`` groups.
 
-    scores_TE: [T, E] scores (softmax or sigmoid), E divisible by num_groups.
-    Returns expert_TK [T, K] int64 and score_TK [T, K] (the chosen scores, differentiable),
-    best first. Groups are ranked by the sum of their top-2 scores (top-1 with one expert each).
-    Only the kept groups' scores are gathered ([T, topk_group * P]), never a masked [T, E] copy.
+    scores_TE: [T, E] selection scores (softmax or sigmoid, plus the balancing bias where on), E
+    divisible by num_groups. Returns expert_TK [T, K] int64, best first. Groups are ranked by the
+    sum of their top-2 scores (top-1 with one expert each). Ties go to the lower group, then the
+    lower expert index (``routers.selection``): the kept groups are gathered in ascending order,
+    so a position among the kept scores orders as the expert index does. Only the kept groups'
+    scores are gathered ([T, topk_group * P]), never a masked [T, E] copy.
     """
     t, e = scores_TE.shape
     p = e // num_groups
-    scores_TGP = scores_TE.view(t, num_groups, p)
     with torch.no_grad():
+        scores_TGP = scores_TE.detach().view(t, num_groups, p)
         # The sum of the two best scores (the only one with one expert per group).
         group_TG = scores_TGP[..., 0] if p == 1 else scores_TGP.topk(2, dim=-1).values.sum(dim=-1)
-        group_Tg = group_TG.topk(topk_group, dim=-1).indices  # g = topk_group kept groups
-    kept_TgP = torch.gather(scores_TGP, 1, group_Tg[:, :, None].expand(t, topk_group, p))
-    score_TK, local_TK = kept_TgP.reshape(t, topk_group * p).topk(top_k, dim=-1)
-    expert_TK = torch.gather(group_Tg, 1, local_TK // p) * p + local_TK % p
-    return expert_TK, score_TK
+        group_Tg = top_indices(group_TG, topk_group).sort(dim=-1).values  # g = topk_group kept groups
+        kept_TgP = torch.gather(scores_TGP, 1, group_Tg[:, :, None].expand(t, topk_group, p))
+        local_TK = top_indices(kept_TgP.reshape(t, topk_group * p), top_k)
+        return torch.gather(group_Tg, 1, local_TK // p) * p + local_TK % p
+
+
+def sigmoid_share_mean(logits_TE: torch.Tensor, scores_TE: torch.Tensor) -> torch.Tensor:
+    """[E] P_e = mean over tokens of ``s_te / sum_e' s_te'`` for sigmoid scores, finite for any
+    finite logits.
+
+    One matvec ``s^T (1 / rowsum)`` for the rows whose sum is a normal float; a row whose every
+    score underflows (all logits below about -70) takes ``softmax(logsigmoid(x))`` instead, the
+    same ratio computed in log space (before, such a row made the whole batch's P NaN through
+    1 / 0). Both branches are differentiable without NaN gradients.
+    """
+    t = scores_TE.shape[0]
+    sum_T = scores_TE.sum(dim=-1)
+    ok_T = sum_T > 1e-30
+    inv_T = torch.where(ok_T, torch.where(ok_T, sum_T, 1.0).reciprocal(), 0.0)
+    total_E = scores_TE.t() @ inv_T
+    if not bool(ok_T.all()):
+        low = ~ok_T
+        total_E = total_E + torch.softmax(F.logsigmoid(logits_TE[low]), dim=-1).sum(dim=0)
+    return total_E / t
 
 
 @dataclass(frozen=True)
-class HierarchicalConfig(RouterConfig):
+class HierarchicalConfig(BiasBalancedConfig):
     """form: `groups` (DeepSeek-V3 group-limited) or `nllb` (NLLB-200 conditional MoE).
 
     groups: score_func `sigmoid` or `softmax`; num_groups (divides num_experts); topk_group kept
@@ -123,7 +149,7 @@ class HierarchicalConfig(RouterConfig):
 
 
 @register_router("hierarchical")
-class HierarchicalRouter(Router):
+class HierarchicalRouter(BiasBalancedRouter):
     """Two-level: DeepSeek-V3 group-limited top-K (`groups`) or NLLB shared/MoE gate + GShard (`nllb`)."""
 
     config_cls = HierarchicalConfig
@@ -185,7 +211,7 @@ class HierarchicalRouter(Router):
             gate_logit_T = hidden_TD @ self.gate_weight(hidden_TD.shape[1], hidden_TD.device)
             logits_TE = logits
         g_T = torch.sigmoid(gate_logit_T)
-        probs_TE, top_p_T2, expert_T2, lse_T = softmax_top2(logits_TE)
+        probs_TE, top_p_T2, expert_T2, lse_T = softmax_top2(logits_TE, self)
         uniform_T = draw_uniform(self._gen, t, logits.device) if cfg.second_policy == "random" else None
         token_R, expert_R, gate_R = gshard_requests(top_p_T2, expert_T2, uniform_T)
         return Plan(
@@ -200,6 +226,7 @@ class HierarchicalRouter(Router):
             # As gshard: K = requests per token actually made, so 1.0 at perfect balance.
             aux_loss=load_balancing_loss(probs_TE, expert_R, expert_R.numel() / t),
             z_loss=z_loss(logits_TE, lse_T),
+            aux_loss_seq=sequence_balance_loss(probs_TE, token_R, expert_R, batch.seq_T),
             extras={"shared_weight_T": 1.0 - g_T},
         )
 
@@ -216,12 +243,23 @@ class HierarchicalRouter(Router):
             lse_T = torch.logsumexp(logits_TE, dim=-1)
             scores_TE = torch.sigmoid(logits_TE)
             # P_e = mean_t s_te / sum_e' s_te': one matvec, no normalised [T, E] copy.
-            mean_prob_E = (scores_TE.t() @ scores_TE.sum(dim=-1).reciprocal()) / t
-        expert_TK, gate_TK = group_limited_topk(scores_TE, cfg.num_groups, cfg.topk_group, cfg.top_k)
+            mean_prob_E = sigmoid_share_mean(logits_TE, scores_TE)
+        biased_TE = self.selection_scores(scores_TE)
+        expert_TK = group_limited_topk(
+            scores_TE if biased_TE is None else biased_TE, cfg.num_groups, cfg.topk_group, cfg.top_k
+        )
         if cfg.norm_topk_prob:
-            # Sigmoid scores are positive; the floor only guards an underflowed row.
-            gate_TK = gate_TK / gate_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+            # s_k / sum_j s_j as a softmax of log-scores over the K: finite even when every score
+            # of the row underflows (sigmoid of logits below about -90).
+            chosen_TK = logits_TE.gather(1, expert_TK)
+            gate_TK = torch.softmax(F.logsigmoid(chosen_TK) if cfg.score_func == "sigmoid" else chosen_TK, dim=-1)
+        else:
+            gate_TK = scores_TE.gather(1, expert_TK)
         token_R, expert_R, weight_R = choice_major(expert_TK, gate_TK)
+        seq_loss = None
+        if batch.seq_T is not None:
+            shares_TE = scores_TE if cfg.score_func == "softmax" else torch.softmax(F.logsigmoid(logits_TE), dim=-1)
+            seq_loss = sequence_balance_loss(shares_TE, token_R, expert_R, batch.seq_T)
         return Plan(
             token_R=token_R,
             expert_R=expert_R,
@@ -233,4 +271,5 @@ class HierarchicalRouter(Router):
             # P_e: the mean of per-token-normalised scores (the softmax itself for softmax scores).
             aux_loss=load_balancing_loss_from_mean(mean_prob_E, expert_R, cfg.top_k, t),
             z_loss=z_loss(logits_TE, lse_T),
+            aux_loss_seq=seq_loss,
         )

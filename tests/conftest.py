@@ -67,3 +67,21 @@ def run_dir():
         return dirs[0]
 
     return _find
+
+
+@pytest.fixture
+def update_calls(monkeypatch):
+    """Record every ``update`` of a bias-balancing router in this process: a list of
+    ``(id(router), num_tokens of the plan)``, the call still made (tests of the jobs that must
+    call ``update`` after every batch they route in sequence)."""
+    from moe_routing_bench.routers.balancing import BiasBalancedRouter
+
+    calls: list[tuple[int, int]] = []
+    original = BiasBalancedRouter.update
+
+    def spy(self, plan):
+        calls.append((id(self), plan.num_tokens))
+        return original(self, plan)
+
+    monkeypatch.setattr(BiasBalancedRouter, "update", spy)
+    return calls

@@ -49,6 +49,7 @@ from moe_routing_bench.bench.metrics import METRICS, batch_metrics
 from moe_routing_bench.bench.moe_layer import SHARED_WEIGHT, add_shared_branch, plan_dispatch
 from moe_routing_bench.bench.routing import wants_fit
 from moe_routing_bench.bench.timing import StageTimer, dtype_of, quantiles, stopwatch
+from moe_routing_bench.routers.contract import Plan
 from moe_routing_bench.routers.registry import build_router, load_plugin
 
 CONFIGS_FILE = "ep_configs.json"
@@ -66,6 +67,35 @@ def _gather(x: torch.Tensor, world: int) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x)
     return torch.stack(parts).cpu()
+
+
+def whole_step_plan(plan: Plan, rank: int, world: int) -> Plan:
+    """The step's plan over every rank's batch, for a stateful router's ``update``: each rank's
+    requests gathered in rank order, token ids offset by ``rank * T``. Every rank then updates
+    from the same global load and keeps the same state (bias), as a data-parallel trainer that
+    all-reduces its token counts does. One all_gather of the sizes, then of the padded arrays."""
+    dev = plan.expert_R.device
+    sizes = [int(s) for s in _gather(torch.tensor([plan.num_requests], device=dev), world).reshape(-1)]
+    width = max(sizes)
+
+    def padded(x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(width)
+        out[: x.shape[0]] = x
+        return out
+
+    arrays = [plan.token_R + rank * plan.num_tokens, plan.expert_R, plan.weight_R.detach().float()]
+    token_R, expert_R, weight_R = (
+        torch.cat([g[w, :n] for w, n in enumerate(sizes)]).to(dev) for g in (_gather(padded(a), world) for a in arrays)
+    )
+    return Plan(
+        token_R=token_R,
+        expert_R=expert_R,
+        weight_R=weight_R,
+        num_tokens=plan.num_tokens * world,
+        num_experts=plan.num_experts,
+        capacity=plan.capacity,
+        top_k=plan.top_k,
+    )
 
 
 def run_config(ep: EPPoint, rank: int, world: int, device: torch.device) -> dict[str, Any]:
@@ -131,7 +161,8 @@ def run_config(ep: EPPoint, rank: int, world: int, device: torch.device) -> dict
                     with clock("shared"):
                         out_TD = add_shared_branch(out_TD, x_TD, always, None)
             clock.times["total"] = total[0]
-            router.update(plan)
+            # Every step, warm-up included; a stateful router learns from the whole step's load.
+            router.update(whole_step_plan(plan, rank, world) if router.stateful else plan)
             if ep.dump_dir is not None:
                 outputs.append(out_TD.float().cpu())
             if i < point.warmup:

@@ -44,9 +44,12 @@ from moe_routing_bench.routers.registry import build_router, get_router_class, r
 
 # ``all`` runs every registered router; these also run the named variants (when registered),
 # labelled as in the default sweep. nllb reads its level-1 gate from an extra logit column so that
-# gate is trained with the model, as NLLB's is.
+# gate is trained with the model, as NLLB's is. topk[bias] is DeepSeek-V3's auxiliary-loss-free
+# balancing (rate 0.001 per step, theirs); it still reports an aux loss, so compare it at
+# --aux-coef 0 with topk at the default coefficient (README, "Routing quality").
 ALL_VARIANTS: dict[str, tuple[tuple[str, dict[str, str]], ...]] = {
     "hash": (("hash", {}), ("hash[balanced]", {"variant": "balanced"})),
+    "topk": (("topk", {}), ("topk[bias]", {"bias_update_rate": "0.001"})),
     "hierarchical": (
         ("hierarchical[groups]", {"form": "groups"}),
         ("hierarchical[nllb]", {"form": "nllb", "gate_source": "logit_column"}),

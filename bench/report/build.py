@@ -22,6 +22,7 @@ import pandas as pd
 
 from moe_routing_bench.bench.metrics import METRICS
 from moe_routing_bench.bench.record import KINDS, STAGES, RunDir
+from moe_routing_bench.bench.report import figures_convergence as S
 from moe_routing_bench.bench.report import figures_cost as C
 from moe_routing_bench.bench.report import figures_ep as EP
 from moe_routing_bench.bench.report import figures_routing as R
@@ -36,6 +37,7 @@ FIGURES: list[Callable[[ReportData], F.FigureOut | F.LeftOut]] = [
     R.balance,
     R.expert_loads,
     R.load_drift,
+    S.load_convergence,
     C.memory,
     C.pareto,
     C.stages,

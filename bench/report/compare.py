@@ -25,26 +25,12 @@ from typing import Any
 
 import pandas as pd
 
-from moe_routing_bench.bench.metrics import METRICS
+from moe_routing_bench.bench.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, METRICS
 from moe_routing_bench.bench.record import STAGES, load_run
 from moe_routing_bench.bench.report.data import CONFIG_LABELS, check_run_dir
 
-HIGHER_BETTER = frozenset({"tokens_per_s", "gate_mass_kept", "load_entropy"})
-LOWER_BETTER = frozenset(
-    {f"time_{s}_median" for s in STAGES}
-    | {
-        "peak_mem_bytes",
-        "drop_rate",
-        "tokens_dropped_frac",
-        "imbalance",
-        "imbalance_kept",
-        "maxvio",
-        "load_cv",
-        "experts_unused",
-        "aux_loss",
-        "z_loss",
-    }
-)
+HIGHER_BETTER = frozenset({"tokens_per_s"}) | HIGHER_IS_BETTER
+LOWER_BETTER = frozenset({f"time_{s}_median" for s in STAGES} | {"peak_mem_bytes"}) | LOWER_IS_BETTER
 MEM_NOISE_BYTES = {"rss_sampled": 4 * 2**20, "cuda_max_allocated": 0.0}
 DEFAULT_THRESHOLD_PCT = 10.0
 

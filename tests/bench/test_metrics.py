@@ -57,12 +57,16 @@ def test_dropless_plan_keeps_everything_and_counts_unused_experts():
     assert torch.equal(loads.kept_E, loads.requested_E)
 
 
-def test_whole_batch_router_has_no_drop_rate():
+def test_expert_choice_plan_has_no_drop_rate():
     # An expert-choice plan: tokens chosen by experts; token 2 picked by no one.
-    plan = _plan([0, 1, 1, 0], [0, 0, 1, 1], [0.5] * 4, t=3, e=2, cap=2, looks_at_whole_batch=True)
+    plan = _plan([0, 1, 1, 0], [0, 0, 1, 1], [0.5] * 4, t=3, e=2, cap=2, looks_at_whole_batch=True, experts_choose=True)
     m, _ = batch_metrics(plan)
     assert math.isnan(m["drop_rate"])
     assert m["tokens_dropped_frac"] == pytest.approx(1 / 3)
+    # A plan that only reads the whole batch (sinkhorn) but whose tokens ask: capacity refuses one.
+    plan = _plan([0, 1, 2], [0, 0, 0], [0.5] * 3, t=3, e=2, cap=2, looks_at_whole_batch=True)
+    m, _ = batch_metrics(plan)
+    assert m["drop_rate"] == pytest.approx(1 / 3)
 
 
 def test_load_stats_perfect_balance_and_single_expert():

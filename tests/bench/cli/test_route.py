@@ -97,7 +97,8 @@ def test_router_opt_goes_to_the_routers_that_have_the_field():
     out = json.loads(res.output)
     assert out["topk"]["config"]["drop_policy"] == "probs"
     assert out["switch"]["config"]["batch_prioritized"] is True
-    assert "drop_policy" not in out["switch"]["config"]
+    # Both routers have the field (switch's `probs` is batch-prioritized routing): both get it.
+    assert out["switch"]["config"]["drop_policy"] == "probs"
 
 
 def test_route_is_deterministic_for_a_seed():

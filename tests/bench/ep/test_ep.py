@@ -7,6 +7,7 @@ equals a single-process ``bench.layer.layer_forward`` over the same plans, to fl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -37,6 +38,7 @@ from moe_routing_bench.kernels.experts import ExpertFFN
 from moe_routing_bench.routers.registry import build_router, router_names
 from moe_routing_bench.workloads.registry import build_workload
 
+CPU = torch.device("cpu")
 ATOL, RTOL = 1e-5, 1e-5  # float32: the expert matmuls see different row batches than one process
 
 
@@ -120,28 +122,40 @@ def test_phases_equal_single_process_layer(router, opts, owner, why):
 # A real 2-rank gloo launch
 # --------------------------------------------------------------------------------------------
 
-EP_ROUTERS = [n for n in ("switch", "topk", "expert_choice", "hierarchical") if n in router_names()]
+# topk with a large bias step: a stateful router whose ranks must learn from the whole step's load.
+EP_ROUTERS = [n for n in ("switch", "topk", "expert_choice", "hierarchical") if n in router_names()] + [
+    "topk[bias_update_rate=0.2]"
+]
 
 
-def _reference(ep: EPPoint, rank: int) -> torch.Tensor:
-    """[steps, T, D]: rank ``rank``'s batches through one process's layer with the full experts."""
+def _reference(ep: EPPoint, rank: int, whole_step: bool = True) -> torch.Tensor:
+    """[steps, T, D]: rank ``rank``'s batches through one process's layer with the full experts.
+
+    A stateful router updates from the whole step's requests (every rank's batch, routed with the
+    same state), as the worker's ranks do; ``whole_step=False`` updates from the rank's own plan."""
     p = ep.point
-    n = p.warmup + p.repeats
+    n, w = p.warmup + p.repeats, ep.nproc
     router = build_router(p.router, **p.router_options())
     wl = build_workload(p.workload, p.workload_opts, p.seed)
     # the rank's shard of one stream: step i of rank r is batch i * W + r
-    batches = list(wl.batches(p.tokens, p.experts, n * ep.nproc, "cpu"))[rank :: ep.nproc]
+    stream = list(wl.batches(p.tokens, p.experts, n * w, "cpu"))
+    batches = stream[rank::w]
     if wants_fit(router):
         router.fit(wl.fit_sample(p.tokens, p.experts, "cpu"))
     ffn = ExpertFFN(p.experts, p.hidden, ffn_ratio=p.ffn_ratio, seed=p.seed)
     shared = ExpertFFN(1, p.hidden, ffn_ratio=p.ffn_ratio, seed=p.seed + 1)
     outs = []
     with torch.inference_mode():
-        for batch, x in zip(batches, rank_hidden(p, rank, n, torch.float32, torch.device("cpu")), strict=True):
+        for i, (batch, x) in enumerate(zip(batches, rank_hidden(p, rank, n, torch.float32, CPU), strict=True)):
             if batch.hidden_TD is None:  # as the worker does: routers with their own gate read x
                 batch.hidden_TD = x
             plan = router.route(batch)
             outs.append(layer_forward(plan, x, ffn, shared_ffn=shared))
+            if router.stateful and whole_step:
+                step = [router.route(b) for b in stream[i * w : (i + 1) * w]]
+                expert_R = torch.cat([q.expert_R for q in step])
+                zeros = torch.zeros_like(expert_R)
+                plan = dataclasses.replace(plan, token_R=zeros, expert_R=expert_R, weight_R=zeros.float())
             router.update(plan)
     return torch.stack(outs)
 
@@ -165,14 +179,19 @@ def test_ep_two_ranks_equal_single_process(ep_run):
     run_dir, _, dump = ep_run
     spec = json.loads((run_dir / "ep_configs.json").read_text())
     configs = [EPPoint.from_dict(c) for c in spec["configs"]]
-    assert sorted(c.point.router for c in configs) == sorted(EP_ROUTERS)
+    assert sorted(c.point.router_label for c in configs) == sorted(EP_ROUTERS)
     for ep in configs:
         assert ep.owner_E == (0, 1, 0, 1)  # round-robin over 2 ranks
+        same_as_local = []
         for rank in range(2):
             got = torch.from_numpy(np.load(dump / f"{ep.config_id}_rank{rank}.npy", allow_pickle=False))
             want = _reference(ep, rank)
             assert got.shape == want.shape == (3, 32, 8)
-            torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=f"{ep.point.router} rank {rank}")
+            torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL, msg=f"{ep.point.router_label} rank {rank}")
+            same_as_local.append(torch.allclose(got, _reference(ep, rank, whole_step=False), atol=ATOL, rtol=RTOL))
+        if build_router(ep.point.router, **ep.point.router_options()).stateful:
+            # The check has teeth: ranks that learned from their own load alone would differ.
+            assert not all(same_as_local)
 
 
 def test_ep_run_directory_tables(ep_run):

@@ -131,3 +131,32 @@ def test_memory_is_the_warm_up_steps_working_set_on_an_exact_heap():
     # The einsum one-hot tensors of T=1024, E=64 are several MiB: an exact heap sees them.
     row, _ = measure.measure_point(_point(backends=["einsum"], routers=["switch"], tokens=[1024], experts=[64]))
     assert row["peak_mem_bytes"] > 1 << 20
+
+
+def test_measure_updates_after_every_batch_and_the_loads_converge(update_calls):
+    p = dataclasses.replace(
+        _point(),
+        router="topk",
+        router_label="topk",
+        router_opts={"bias_update_rate": 0.02, "capacity_factor": 1.0},
+        workload="hot",
+        workload_label="hot",
+        tokens=256,
+        experts=16,
+        repeats=60,
+        warmup=2,
+    )
+    _, parts = measure.measure_point(p)
+    routers = list(dict.fromkeys(rid for rid, _ in update_calls))
+    # One router, updated after each of the 2 warm-up + 60 timed batches (the settling step on
+    # CPU routes without updating); the breakdown reads the measured plans, no second router.
+    assert len(routers) == 1 and len(update_calls) == 62
+    by_batch: dict[int, list[int]] = {}
+    for rec in parts["loads"]:
+        by_batch.setdefault(rec["batch"], []).append(rec["requested"])
+    imbalance = [max(v) / (sum(v) / len(v)) for _, v in sorted(by_batch.items())]
+    assert sum(imbalance[-10:]) / 10 < 0.5 * sum(imbalance[:3]) / 3, imbalance
+    kept = sum(
+        round(v["requests"] * (1 - v["drop_rate"])) for v in (b for b in parts["breakdown"] if b["kind"] == "position")
+    )
+    assert kept == sum(rec["kept"] for rec in parts["loads"])

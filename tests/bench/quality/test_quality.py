@@ -243,3 +243,15 @@ def test_report_draws_a_quality_run(tiny_run, tmp_path):
     html = (tmp_path / "report.html").read_text()
     assert "Routing quality" in html and "heldout_loss" in html and "expert_choice" in html
     assert "quality_loss" in (tmp_path / "report.md").read_text()
+
+
+def test_training_updates_each_layers_router_after_every_step(data, update_calls):
+    # topk[bias]: DeepSeek-V3's bias balancing learns from every step's plan of its own layer; each
+    # router (one per layer, per trained router) starts from zero.
+    spec = parse_router_specs("topk[bias_update_rate=0.01]")[0]
+    tr = train(spec, QualityConfig(**TINY, steps=5), data, CPU)
+    routers = tr.model.routers
+    assert len(routers) == TINY["layers"]
+    assert [sum(rid == id(r) for rid, _ in update_calls) for r in routers] == [5, 5]
+    assert all(float(r.expert_bias.abs().sum()) > 0 for r in routers)
+    assert "topk[bias]" in [s.label for s in parse_router_specs("all")]

@@ -51,7 +51,7 @@ ALWAYS = {
     "stages",
     "drops_breakdown",
 }
-CONDITIONAL = {"load_drift", "layer_loads", "ep_ranks"}
+CONDITIONAL = {"load_drift", "load_convergence", "layer_loads", "ep_ranks"}
 SCRIPT = "<script>document.title='PWNED'</script>"
 ALERT = "<script>alert(1)</script>"
 IMG = "<img src=x onerror=alert(1)>"

@@ -16,6 +16,7 @@ from moe_routing_bench.bench.sim.model import (
     a2a_device_times,
     destinations,
     preset,
+    route_plans,
     simulate_step,
     tile,
     traffic_matrix,
@@ -235,3 +236,12 @@ def test_simulate_bad_input_is_one_line_exit_2(args, needle, tmp_path):
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("moe-bench: error:") and needle in lines[0], res.output
+
+
+def test_route_plans_updates_a_stateful_router_after_every_plan(update_calls):
+    plans = route_plans("topk", {"bias_update_rate": 0.05}, "hot", {}, 256, 8, 12, 0)
+    assert len({rid for rid, _ in update_calls}) == 1 and len(update_calls) == 12
+    without = route_plans("topk", {}, "hot", {}, 256, 8, 12, 0)
+    # The same batches: the first plan is the same, the last one balanced by the bias.
+    assert torch.equal(plans.kept_BE[0], without.kept_BE[0])
+    assert int(plans.kept_BE[-1].max()) < int(without.kept_BE[-1].max())
