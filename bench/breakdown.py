@@ -29,6 +29,7 @@ import torch
 
 from moe_routing_bench.kernels.positions import kept_mask, positions
 from moe_routing_bench.routers.contract import Batch, Router
+from moe_routing_bench.routers.validate import validate_plan
 
 FREQ_BUCKETS = ("frequent", "middle", "rare")
 POS_BUCKETS = ("q1", "q2", "q3", "q4")
@@ -95,8 +96,10 @@ def breakdown(
     router: Router,
     make_batches: Callable[[], Iterable[Batch]],
     fit_sample: Batch | None = None,
+    label: str | None = None,
 ) -> dict[str, Any]:
-    """Route the batches again with a fresh copy of ``router`` and split drops by bucket."""
+    """Route the batches again with a fresh copy of ``router`` and split drops by bucket (every
+    plan checked by ``validate_plan``, the router named ``label`` in its errors)."""
     ids_U, bucket_U = frequency_table(make_batches())
     fresh = type(router)(router.config)
     if fit_sample is not None:
@@ -105,7 +108,7 @@ def breakdown(
     whole_batch = False
     with torch.inference_mode():
         for batch in make_batches():
-            plan = fresh.route(batch)
+            plan = validate_plan(fresh, batch, fresh.route(batch), label)
             whole_batch = whole_batch or plan.looks_at_whole_batch
             token_R = plan.token_R.detach().cpu()
             kept_R = None

@@ -41,9 +41,13 @@ def list_cmd(what: str, plugins: tuple[str, ...]) -> None:
 
 @click.command("route")
 @options.router_choice()
-@click.option("--tokens", "-T", "num_tokens", type=int, default=4096, show_default=True, help="Tokens per batch T.")
-@click.option("--experts", "-E", "num_experts", type=int, default=None, help="Experts E [64, or a trace's own].")
-@click.option("--batches", "-B", "num_batches", type=int, default=20, show_default=True)
+@click.option(
+    "--tokens", "-T", "num_tokens", type=options.INT, default=4096, show_default=True, help="Tokens per batch T."
+)
+@click.option(
+    "--experts", "-E", "num_experts", type=options.INT, default=None, help="Experts E [64, or a trace's own]."
+)
+@click.option("--batches", "-B", "num_batches", type=options.INT, default=20, show_default=True)
 @options.workload_choice()
 @click.option(
     "--breakdown",

@@ -37,6 +37,7 @@ from moe_routing_bench.kernels.dispatch import analytic_buffer_bytes, make_dispa
 from moe_routing_bench.kernels.experts import ExpertFFN, expert_flops
 from moe_routing_bench.routers.contract import Batch
 from moe_routing_bench.routers.registry import build_router
+from moe_routing_bench.routers.validate import validate_plan
 from moe_routing_bench.workloads.registry import build_workload
 
 
@@ -80,9 +81,11 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
             batch = dataclasses.replace(batch, logits_TE=batch.logits_TE.detach().requires_grad_(True))
             x_TD = x_TD.detach().requires_grad_(True)
         total: list[float] = []
+        with stopwatch(device, total), torch.set_grad_enabled(backward), timer("route"):
+            plan = router.route(batch)
+        # The one plan check, between the router and the layer, outside the step's time.
+        validate_plan(router, batch, plan, point.router_label)
         with stopwatch(device, total), torch.set_grad_enabled(backward):
-            with timer("route"):
-                plan = router.route(batch)
             out_TD = layer_forward(
                 plan, x_TD, ffn, backend=point.backend, layout=layout, shared_ffn=shared_ffn, stage_hook=timer
             )
@@ -91,7 +94,7 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
                 with timer("backward"):
                     out_TD.backward(grad)
         times = timer.collect()
-        times["total"] = total[0]
+        times["total"] = sum(total)
         return times, plan
 
     # Memory is sampled from before the first warm-up step: the allocator keeps what warm-up
@@ -185,7 +188,7 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
     assert set(METRICS) <= set(row)
     # Drops by token frequency and by position in the sequence, over the timed batches (a second,
     # untimed routing pass with a fresh router of the same config).
-    split = breakdown(router, lambda: batches[point.warmup :], fit_sample)
+    split = breakdown(router, lambda: batches[point.warmup :], fit_sample, point.router_label)
     bd = [
         {"kind": kind, "bucket": bucket, **vals}
         for kind, key in (("frequency", "token_frequency"), ("position", "position"))

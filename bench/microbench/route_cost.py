@@ -27,6 +27,7 @@ from moe_routing_bench.bench.timing import time_alternating
 from moe_routing_bench.kernels.positions import positions
 from moe_routing_bench.routers.contract import Batch
 from moe_routing_bench.routers.registry import build_router
+from moe_routing_bench.routers.validate import validate_plan
 
 DEFAULT_ROUTERS = (
     "topk,topk[capacity_factor=1.25],switch[capacity_factor=1.0],gshard[capacity_factor=1.0],"
@@ -76,6 +77,7 @@ def route_cost(
                 rank_R = None if plan.capacity is None else positions(plan.expert_R, plan.num_experts)[0]
                 return batch_metrics(plan, rank_R)
 
+            validate_plan(router, b, router.route(b), spec.label)  # once, untimed: a broken plan is no figure
             times = time_alternating({"base": base_step, "router": step}, "cpu", repeats)
             out.append(Cost(spec.label, t, statistics.median(times["router"]), statistics.median(times["base"])))
     return out

@@ -170,7 +170,7 @@ def test_target_drop_finds_the_smallest_capacity():
         (["--router", "nope"], "unknown router 'nope'; valid routers: "),
         (["--router", "topk", "-K", "9", "-E", "8"], "top_k must be between 1 and num_experts = 8"),
         (["--router", "topk", "-K", "0"], "top_k must be an integer >= 1"),
-        (["--router", "topk", "-E", "0"], "num_experts must be an integer >= 1"),
+        (["--router", "topk", "-E", "0"], "--experts must be >= 1 (got 0)"),
         (["--router", "topk", "-T", "0"], "--tokens must be >= 1"),
         (["--router", "topk", "--capacity-factor", "0"], "--capacity-factor must be a number > 0"),
         (["--router", "topk", "--capacity-factor", "-1.5"], "--capacity-factor must be a number > 0"),

@@ -235,3 +235,20 @@ def test_simulate_bad_input_is_one_line_exit_2(args, needle, tmp_path):
     assert res.exit_code == 2, res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("moe-bench: error:") and needle in lines[0], res.output
+
+
+def test_simulate_on_a_full_disk_is_a_failed_run_in_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import moe_routing_bench.bench.record as record
+
+    def full(table, where, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record.pq, "write_table", full)
+    res = CliRunner().invoke(main, ["simulate", "-G", "8", "-E", "8", "-T", "64", "-D", "64", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "Traceback" not in res.output  # a traceback before
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert "failed: cannot write" in line and "sim.parquet: No space left on device" in line
+    (run_dir,) = list(tmp_path.iterdir())
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "failed"
