@@ -204,9 +204,7 @@ def _atomically(path: Path) -> Iterator[Path]:
 
 
 def _reason(exc: OSError) -> str:
-    if exc.errno is not None and exc.strerror:
-        return exc.strerror
-    return " ".join(str(exc).split())
+    return os.strerror(exc.errno) if exc.errno else " ".join(str(exc).split())
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -537,7 +537,7 @@ def calls() -> list[Call]:
             "quality-disk-full",
             [*q, "--routers", "switch", "--out", o("qfs")],
             exit=1,
-            names=("parquet",),
+            names=("failed", "File too large"),
             fsize=6000,
             check=status_is(Path("o/qfs"), "failed"),
         )

@@ -119,10 +119,11 @@ def run_cmd(**kw) -> None:
             progress=bar.update,
         )
     except KeyboardInterrupt:
-        bar.close()
+        bar.close()  # before the line that says so
         click.echo("interrupted: finished configurations are kept; finish with --resume", err=True)
         raise SystemExit(130) from None
-    bar.close()
+    finally:
+        bar.close()  # before any error line: that line is the last one
     rows, _, _ = load_run(sweep.run.path)
     table = summary_table(rows)
     if not table.empty:

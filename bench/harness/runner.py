@@ -92,9 +92,13 @@ def check_timeout(timeout: float, flag: str = "--timeout") -> None:
 
 
 def check_executor(executor: str, ray_address: str | None) -> None:
-    """--ray-address means something only to the Ray executor: with the local one it is refused."""
+    """--ray-address means something only to the Ray executor, which needs Ray installed."""
     if ray_address is not None and executor != "ray":
         raise RoutingError(f"--ray-address needs --executor ray (got --executor {executor})")
+    if executor == "ray":
+        from moe_routing_bench.bench.harness.ray_executor import require_ray
+
+        require_ray()
 
 
 def open_sweep(path: Path, *, retry_errors: bool = False, notes: Notes | None = None) -> Sweep:
