@@ -18,15 +18,12 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import platform
 import signal
-import subprocess
 import sys
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -34,112 +31,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from moe_routing_bench.bench.metrics import METRICS
+from moe_routing_bench.bench import provenance
+from moe_routing_bench.bench.schema import LOADS_SCHEMA, ROW_SCHEMA, TABLES
 from moe_routing_bench.routers.contract import RoutingError
-
-# The folder holding bench/, routers/, kernels/ and workloads/: a checkout's root, or the installed
-# package's folder (site-packages/moe_routing_bench).
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-
-# Timed stages of one step; "other" is total minus the stages before it (the step's time that no
-# stage accounts for: Python between stages, the autograd engine's own work, allocation).
-STAGES = ("route", "dispatch", "experts", "combine", "shared", "backward", "other", "total")
-TIMED_STAGES = STAGES[:6]
-
-# The header every table of every kind of run starts with: which run, which configuration, when,
-# which harness (commit), which machine and versions, the seed and the full config as JSON.
-HEADER: list[tuple[str, pa.DataType]] = [
-    ("run_id", pa.string()),
-    ("config_id", pa.string()),
-    ("timestamp", pa.string()),
-    ("git_commit", pa.string()),
-    ("device", pa.string()),
-    ("device_name", pa.string()),
-    ("torch_version", pa.string()),
-    ("triton_version", pa.string()),
-    ("seed", pa.int64()),
-    ("config_json", pa.string()),
-    ("plugins", pa.string()),
-]
-_STATUS_COLUMNS: list[tuple[str, pa.DataType]] = [("status", pa.string()), ("error", pa.string())]
-_CONFIG_COLUMNS: list[tuple[str, pa.DataType]] = [
-    ("router", pa.string()),
-    ("router_name", pa.string()),
-    ("workload", pa.string()),
-    ("workload_name", pa.string()),
-    ("tokens", pa.int64()),
-    ("experts", pa.int64()),
-    ("top_k", pa.float64()),
-    ("capacity_factor", pa.float64()),
-    ("capacity", pa.int64()),
-    ("hidden", pa.int64()),
-    ("ffn", pa.int64()),
-    ("backend", pa.string()),
-    ("backend_ran", pa.string()),
-    ("layout", pa.string()),
-    ("dtype", pa.string()),
-    ("mode", pa.string()),
-    ("repeats", pa.int64()),
-    ("looks_at_whole_batch", pa.bool_()),
-    ("model", pa.string()),
-    ("ffn_kind", pa.string()),
-    ("shared_ffn", pa.int64()),
-    ("reuse_buffers", pa.bool_()),
-]
-_MEASURE_COLUMNS: list[tuple[str, pa.DataType]] = [
-    *[(f"time_{s}_{q}", pa.float64()) for s in STAGES for q in ("median", "p20", "p80")],
-    ("tokens_per_s", pa.float64()),
-    ("peak_mem_bytes", pa.float64()),
-    ("mem_kind", pa.string()),
-    ("dispatch_buffer_bytes", pa.float64()),
-    ("kept_rows", pa.float64()),
-    ("permute_bytes", pa.float64()),
-    ("combine_bytes", pa.float64()),
-    ("permute_gbps", pa.float64()),
-    ("combine_gbps", pa.float64()),
-    ("copy_gbps", pa.float64()),
-    ("permute_copy_ratio", pa.float64()),
-    ("combine_copy_ratio", pa.float64()),
-    ("expert_tflops", pa.float64()),
-    ("expert_path", pa.string()),
-    ("workspace_bytes", pa.float64()),
-]
-_METRIC_COLUMNS: list[tuple[str, pa.DataType]] = [
-    col for m in METRICS for col in ((m, pa.float64()), (f"{m}_se", pa.float64()))
-]
-
-ROW_SCHEMA = pa.schema(HEADER + _STATUS_COLUMNS + _CONFIG_COLUMNS + _MEASURE_COLUMNS + _METRIC_COLUMNS)
-LOADS_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("config_id", pa.string()),
-        ("router", pa.string()),
-        ("workload", pa.string()),
-        ("batch", pa.int64()),
-        ("expert", pa.int64()),
-        ("requested", pa.int64()),
-        ("kept", pa.int64()),
-    ]
-)
-
-
-BREAKDOWN_SCHEMA = pa.schema(
-    [
-        ("run_id", pa.string()),
-        ("config_id", pa.string()),
-        ("router", pa.string()),
-        ("workload", pa.string()),
-        ("kind", pa.string()),  # "frequency" or "position"
-        ("bucket", pa.string()),  # frequent/middle/rare, or q1..q4 of the position in the sequence
-        ("tokens", pa.int64()),
-        ("token_share", pa.float64()),
-        ("requests", pa.int64()),
-        ("drop_rate", pa.float64()),
-        ("tokens_dropped_frac", pa.float64()),
-    ]
-)
-TABLES = {"loads": LOADS_SCHEMA, "breakdown": BREAKDOWN_SCHEMA}
-
 
 KINDS = ("sweep", "ep", "simulate", "quality")  # what meta.json's "kind" says; report draws each
 
@@ -164,10 +58,10 @@ def new_meta(kind: str, run_id: str, device: Any, **fields: Any) -> dict[str, An
         "kind": kind,
         "status": "running",
         "created": now(),
-        "git_commit": git_commit(),
+        "git_commit": provenance.git_commit(),
         "device": str(dev),
         "device_name": device_name(dev),
-        "machine": machine_info(),
+        "machine": provenance.machine_info(),
         "command": " ".join(sys.argv),
         **fields,
     }
@@ -200,75 +94,56 @@ def new_run_id() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def git_commit() -> str:
-    """The harness's own provenance: the commit of the checkout this package was imported from,
-    with ``-dirty`` when tracked files differ from it; the installed version when the package is
-    not a checkout (a wheel). Never the working directory's repository."""
-    root = PACKAGE_ROOT
+class WriteError(OSError):
+    """A run's file could not be written (disk full, read-only, not a directory), named with why."""
+
+
+@contextmanager
+def _atomically(path: Path) -> Iterator[Path]:
+    """Write to a temporary name, then rename it to ``path``; a write that fails removes its temporary
+    file (on a full disk that frees its blocks) and raises WriteError naming ``path``."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
-        top = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "--show-toplevel"], capture_output=True, text=True, timeout=10
-        )
-        if top.returncode == 0 and Path(top.stdout.strip()).resolve() == root:
-            out = subprocess.run(
-                ["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            dirty = subprocess.run(
-                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            )
-            if out.returncode == 0:
-                return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    try:
-        return f"moe-routing-bench {metadata.version('moe-routing-bench')} (installed)"
-    except metadata.PackageNotFoundError:
-        return "unknown"
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise WriteError(exc.errno, f"cannot write {path}: {_reason(exc)}") from exc
 
 
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # triton is optional off Linux
-        triton_version = "absent"
-    return {
-        "hostname": platform.node(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_version": torch.__version__,
-        "triton_version": triton_version,
-        "cuda": torch.version.cuda,
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
+def _reason(exc: OSError) -> str:
+    return os.strerror(exc.errno) if exc.errno else " ".join(str(exc).split())
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as fh:
+    with _atomically(path) as tmp, open(tmp, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    """``table`` as Parquet at ``path``, atomically (see :func:`_atomically`)."""
+    with _atomically(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 UNREADABLE = ".unreadable"  # where a part that cannot be read is moved, inside its table folder
+
+
+def check_out_dir(root: Path | str, flag: str = "--out") -> Path:
+    """``root`` as an existing directory (made with its parents), or RoutingError naming ``flag``."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise RoutingError(f"{flag} must be a directory (got the file {str(root)!r})")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RoutingError(f"{flag} {root}: cannot create the directory ({_reason(exc)})") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise RoutingError(f"{flag} {root}: the directory is not writable")
+    return root
 
 
 class Interrupted(KeyboardInterrupt):
@@ -289,14 +164,15 @@ class RunDir:
         return self.path.name
 
     @classmethod
-    def create(cls, root: Path, run_id: str | None = None) -> RunDir:
-        """A new, empty run directory under ``root`` (created if missing)."""
-        root = Path(root)
-        if root.exists() and not root.is_dir():
-            raise RoutingError(f"--out must be a directory (got the file {str(root)!r})")
-        run = cls(root / (run_id or new_run_id()))
-        run.rows_dir.mkdir(parents=True, exist_ok=False)
-        run.loads_dir.mkdir(parents=True, exist_ok=True)
+    def create(cls, root: Path, run_id: str | None = None, folders: tuple[str, ...] = ("rows", "loads")) -> RunDir:
+        """A new run directory under ``root`` (see :func:`check_out_dir`) with empty ``folders``."""
+        run = cls(check_out_dir(root) / (run_id or new_run_id()))
+        try:
+            run.path.mkdir(exist_ok=False)
+            for name in folders:
+                (run.path / name).mkdir()
+        except OSError as exc:
+            raise RoutingError(f"--out {root}: cannot create the run directory {run.path} ({_reason(exc)})") from None
         return run
 
     @classmethod
@@ -317,7 +193,20 @@ class RunDir:
         return meta
 
     def write_meta(self, meta: dict[str, Any]) -> None:
-        _atomic_write_bytes(self.path / "meta.json", json.dumps(meta, indent=2, default=str).encode())
+        """Rewrite meta.json atomically; where that fails (a full disk) the status must still not lie:
+        the same content, compact, overwrites the indented file in place, needing no new blocks."""
+        path = self.path / "meta.json"
+        try:
+            _atomic_write_bytes(path, json.dumps(meta, indent=2, default=str).encode())
+        except WriteError:
+            compact = json.dumps(meta, separators=(",", ":"), default=str).encode()
+            if not path.is_file() or path.stat().st_size < len(compact):
+                raise
+            with open(path, "r+b") as fh:
+                fh.write(compact)
+                fh.truncate()
+                fh.flush()
+                os.fsync(fh.fileno())
 
     def finished(self, ids: set[str] | None = None) -> set[str]:
         """Config ids (among ``ids``, when given) with a whole, readable row part. A part that
@@ -369,21 +258,30 @@ class RunDir:
                 atomic_write_table(self.path / f"{name}.parquet", table)
 
 
+class RunFailed(Exception):
+    """The harness raised while a run was recording (meta.json says ``failed``, and why): exit 1."""
+
+    def __init__(self, run: RunDir, reason: str) -> None:
+        super().__init__(f"run {run.path} failed: {reason}")
+        self.run, self.reason = run, reason
+
+
 @contextmanager
 def recording(run: RunDir, meta: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Keep a run's meta.json true while its body runs.
 
-    ``running`` while it runs; ``complete`` when the body returns (unless it set another status,
-    e.g. a merge with configurations missing); ``interrupted`` on Ctrl-C or SIGTERM;
-    ``failed`` with the one-line reason when the harness itself raised. SIGTERM is turned into
-    :class:`Interrupted` while the body runs (in the main thread).
+    ``running``; ``complete`` when the body returns (unless it set another status: a merge with
+    configurations missing); ``interrupted`` on Ctrl-C or SIGTERM (re-raised; SIGTERM raises
+    :class:`Interrupted` in the main thread); ``failed`` with the one-line reason when the harness
+    raised, re-raised as :class:`RunFailed` (which says so if even meta.json could not record it).
     """
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     meta["status"] = "running"
-    run.write_meta(meta)
+    failure: BaseException | None = None
     try:
+        run.write_meta(meta)
         yield meta
         if meta["status"] == "running":
             meta["status"] = "complete"
@@ -393,13 +291,26 @@ def recording(run: RunDir, meta: dict[str, Any]) -> Iterator[dict[str, Any]]:
     except BaseException as exc:
         meta["status"] = "failed"
         meta["error"] = one_line(exc)
-        raise
+        failure = exc
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         meta["finished"] = now()
-        with contextlib.suppress(OSError):  # a full disk: the raising error is what gets reported
+        unrecorded = None
+        try:
             run.write_meta(meta)
+        except OSError as exc:
+            unrecorded = exc
+            if failure is None:
+                failure = exc
+                meta["error"] = one_line(exc)
+    if failure is not None:
+        reason = meta.get("error") or one_line(failure)
+        if unrecorded is not None and unrecorded is not failure:
+            reason += f"; meta.json could not record it ({one_line(unrecorded)})"
+        if not isinstance(failure, Exception):
+            raise failure
+        raise RunFailed(run, reason) from failure
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
@@ -407,8 +318,10 @@ def _raise_interrupted(signum: int, frame: object) -> None:
 
 
 def one_line(exc: BaseException) -> str:
-    """``Type: message`` on one line, for meta.json and stderr."""
+    """``Type: message`` on one line, for meta.json and stderr (a failed write: its message)."""
     text = " ".join(str(exc).split()) or "(no message)"
+    if isinstance(exc, WriteError):
+        return text.removeprefix(f"[Errno {exc.errno}] ")
     return f"{type(exc).__name__}: {text}"
 
 
@@ -419,7 +332,15 @@ def read_parts(folder: Path, schema: pa.Schema | None, ids: set[str] | None = No
         parts = [p for p in parts if p.stem in ids]
     if not parts:
         return (schema or pa.schema([])).empty_table()
-    return pa.concat_tables([pq.read_table(p, schema=schema) for p in parts])
+    return pa.concat_tables([_read_part(p, schema) for p in parts])
+
+
+def _read_part(part: Path, schema: pa.Schema | None) -> pa.Table:
+    try:
+        return pq.read_table(part, schema=schema)
+    except (pa.ArrowException, OSError) as exc:
+        why = f"{part} cannot be read ({' '.join(str(exc).split())}); `moe-bench run --resume {part.parent.parent}`"
+        raise RoutingError(why + " sets it aside and runs its configuration again") from None
 
 
 def load_run(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:

@@ -20,10 +20,11 @@ import torch
 from moe_routing_bench.bench.breakdown import DropSplit
 from moe_routing_bench.bench.metrics import BatchLoads, aggregate, batch_metrics
 from moe_routing_bench.bench.spec import DEFAULT, CapacityFactor, Notes, Spec, router_options
-from moe_routing_bench.bench.timing import stopwatch
+from moe_routing_bench.bench.timing import check_fits, routing_bytes, stopwatch
 from moe_routing_bench.kernels.positions import kept_mask, positions
 from moe_routing_bench.routers.contract import Batch, Router, RoutingError
 from moe_routing_bench.routers.registry import build_router
+from moe_routing_bench.routers.validate import validate_plan
 from moe_routing_bench.workloads.base import Workload
 from moe_routing_bench.workloads.registry import build_workload
 
@@ -53,8 +54,9 @@ class RouteResult:
 
 
 def wants_fit(router: Router) -> bool:
-    """Whether the router overrides ``fit`` (learns from a separate slice of the stream)."""
-    return type(router).fit is not Router.fit
+    """Whether the router learns from a separate slice of the stream (its variant's, not its
+    class's answer: plain hash needs no fit slice, balanced hash does)."""
+    return router.needs_fit
 
 
 def route_batches(
@@ -63,8 +65,11 @@ def route_batches(
     device: str | torch.device = "cpu",
     fit_sample: Batch | None = None,
     split: DropSplit | None = None,
+    label: str | None = None,
 ) -> RouteResult:
-    """Route every batch, calling ``update`` after each one.
+    """Route every batch, calling ``update`` after each one. Every plan passes ``validate_plan``
+    (untimed) before positions and metrics read it; a broken one raises PlanError naming the
+    router (``label``, default its registered name), the field and the value.
 
     fit_sample: a batch from a separate slice of the stream, never one of the measured batches;
     given to ``router.fit`` first (untimed) when the router learns from data. split: drops by
@@ -82,6 +87,8 @@ def route_batches(
         for batch in batches:
             with stopwatch(device, seconds):
                 plan = router.route(batch)
+            validate_plan(router, batch, plan, label)
+            with stopwatch(device, seconds):
                 rank_R = None if plan.capacity is None else positions(plan.expert_R, plan.num_experts)[0]
                 metrics, load = batch_metrics(plan, rank_R)
                 router.update(plan)
@@ -105,6 +112,7 @@ def find_target_drop(
     device: str | torch.device = "cpu",
     fit_sample: Batch | None = None,
     split: DropSplit | None = None,
+    label: str | None = None,
 ) -> tuple[int, Fraction, RouteResult]:
     """Smallest capacity C (and the capacity factor that gives exactly C) whose mean drop rate
     over the batches is at most ``target``. Binary search over integer C: the drop rate of a
@@ -120,7 +128,7 @@ def find_target_drop(
         # Any cf in ((C - 1) E / (K T), C E / (K T)] gives C; the upper end is exact.
         cf = Fraction(c * num_experts) / (k * num_tokens)
         router = build_router(router_name, **{**options, "capacity_factor": cf})
-        return route_batches(router, make_batches(), device, fit_sample, split)
+        return route_batches(router, make_batches(), device, fit_sample, split, label)
 
     first = run_at(num_tokens)
     if first.capacity is None:
@@ -189,8 +197,16 @@ def route_specs(
         raise RoutingError(f"--tokens must be >= 1 (got {tokens})")
     if batches < 1:
         raise RoutingError(f"--batches must be >= 1 (got {batches})")
+    if experts is not None and experts < 1:
+        raise RoutingError(f"--experts must be >= 1 (got {experts})")
+    if target_drop is not None and capacity_factor != DEFAULT:
+        shown = "none" if capacity_factor is None else capacity_factor
+        raise RoutingError(
+            f"--target-drop searches the capacity factor: it cannot be given with --capacity-factor {shown}"
+        )
     workload = build_workload(workload_spec.name, workload_spec.opts, seed=seed)
     num_experts = experts if experts is not None else (workload.num_experts_fixed or DEFAULT_EXPERTS)
+    check_fits(routing_bytes(tokens, num_experts), f"--tokens {tokens} x --experts {num_experts}", device)
     options = {
         s.label: router_options(
             s, experts=num_experts, seed=seed, top_k=top_k, capacity_factor=capacity_factor, notes=notes
@@ -216,11 +232,11 @@ def route_specs(
         split = DropSplit(make_batches()) if with_breakdown else None
         if target_drop is not None:
             c, cf, res = find_target_drop(
-                spec.name, options[label], make_batches, tokens, target_drop, device, fit_slice(router), split
+                spec.name, options[label], make_batches, tokens, target_drop, device, fit_slice(router), split, label
             )
             report.extra[label] = {"target_drop": target_drop, "capacity": c, "capacity_factor": float(cf)}
         else:
-            res = route_batches(router, make_batches(), device, fit_slice(router), split)
+            res = route_batches(router, make_batches(), device, fit_slice(router), split, label)
         report.results[label] = res
         if split is not None:
             report.splits[label] = split.table()

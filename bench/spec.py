@@ -31,6 +31,8 @@ from moe_routing_bench.routers.options import fixed_reason
 from moe_routing_bench.routers.registry import build_router, config_fields, get_router_class
 
 DEFAULT = "default"  # the capacity factor (or K) of each router's own config
+INT64_MAX = 2**63 - 1  # the largest count a Parquet int64 column (and a tensor's size) holds
+SEED_MAX = 2**32 - 1  # the largest seed: every generator the harness seeds accepts it
 DROPLESS_WORDS = ("none", "dropless")
 CapacityFactor = float | None | str  # a number > 0, None (dropless) or DEFAULT
 

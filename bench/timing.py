@@ -75,6 +75,46 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+BUDGET_ENV = "MOE_BENCH_MEMORY_BUDGET"
+
+
+def memory_budget_bytes(device: str | torch.device) -> int:
+    """What one configuration may plan to allocate: 80% of GPU memory, or half the free RAM.
+    MOE_BENCH_MEMORY_BUDGET (bytes) overrides it."""
+    if os.environ.get(BUDGET_ENV):
+        try:
+            budget = float(os.environ[BUDGET_ENV])
+        except ValueError:
+            budget = math.nan
+        if not (math.isfinite(budget) and budget > 0):
+            raise ValueError(f"{BUDGET_ENV} must be a number of bytes > 0 (got {os.environ[BUDGET_ENV]!r})")
+        return int(budget)
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    if dev.type == "cuda":
+        return int(0.8 * torch.cuda.get_device_properties(dev).total_memory)
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
+        return info.get("MemAvailable", 8 << 30) // 2
+    except OSError:
+        return 8 << 30
+
+
+def routing_bytes(tokens: int, experts: int) -> int:
+    """The least one batch's routing holds: logits and probabilities [T, E] in float32."""
+    return 8 * tokens * experts
+
+
+def check_fits(need: int, what: str, device: str | torch.device) -> None:
+    """Refuse up front, with the bytes it needs, what cannot fit the memory budget."""
+    budget = memory_budget_bytes(device)
+    if need > budget:
+        raise ValueError(
+            f"{what} needs at least {need:,} bytes ({need / 2**30:,.1f} GiB) > the memory budget of "
+            f"{budget:,} bytes ({budget / 2**30:,.1f} GiB; {BUDGET_ENV} overrides)"
+        )
+
+
 class StageTimer:
     """Accumulates seconds per stage name over one step.
 

@@ -341,6 +341,12 @@ class Router:
         then asks the workload for hidden states."""
         return False
 
+    @property
+    def needs_fit(self) -> bool:
+        """Whether ``fit`` must read a separate slice of the stream before ``route``: routers whose
+        class defines ``fit``; one whose variants differ says so per config (hash)."""
+        return type(self).fit is not Router.fit
+
     def check_batch(self, batch: Batch) -> None:
         if batch.num_experts != self.config.num_experts:
             raise RoutingError(

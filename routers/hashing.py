@@ -122,6 +122,11 @@ class HashRouter(Router):
     def fitted(self) -> bool:
         return self._ids_V is not None
 
+    @property
+    def needs_fit(self) -> bool:
+        """Only the balanced variant learns from a fit slice; the random map needs none."""
+        return self.config.variant == "balanced"
+
     def fit(self, sample: Batch) -> None:
         """Balanced variant: learn the id -> expert table from the token frequencies of ``sample``,
         which must be a slice of the stream other than the measured batches. No-op for `random`."""

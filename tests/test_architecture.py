@@ -2,7 +2,7 @@
 
     bench/cli/     click commands; nothing imports it
     bench/ jobs    harness/, report/, ep/, sim/, quality/, microbench/, capture/
-    bench/ shared  timing, spec, record, metrics, breakdown, routing, moe_layer, placement
+    bench/ shared  timing, spec, record, schema, provenance, metrics, breakdown, routing, moe_layer, placement
     routers/, kernels/, workloads/   never import bench; kernels imports no other layer;
                                      workloads may import routers, routers nothing of ours
 

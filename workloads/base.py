@@ -50,6 +50,8 @@ class WorkloadConfig:
     """
 
     workload: ClassVar[str] = "workload"
+    # Options that name files or folders: a run stores them absolute, so it resumes from anywhere.
+    path_fields: ClassVar[tuple[str, ...]] = ()
 
     seed: int = 0
     seq_len: int = 1024

@@ -173,6 +173,7 @@ class CodeConfig(TokenStreamConfig):
     MB of source in sorted path order (16 MB holds the whole standard library less its tests)."""
 
     workload: ClassVar[str] = "code"
+    path_fields: ClassVar[tuple[str, ...]] = ("root",)
     root: str = ""
     max_mb: float = 16.0
 

@@ -37,6 +37,7 @@ from .registry import register_workload
 TRACE_FORMAT = "moe-bench-trace"
 TRACE_VERSION = 1
 META_KEY = b"moe_bench.trace"
+TRACE_COLUMNS = ("layer", "seq", "pos", "token", "source_token", "logits")
 
 
 def write_trace(
@@ -101,12 +102,29 @@ def read_trace_meta(path: str | Path) -> dict[str, Any]:
     raw = (schema.metadata or {}).get(META_KEY)
     if raw is None:
         raise WorkloadError(f"trace: {str(path)!r} is not a moe-bench trace (no {META_KEY.decode()} metadata)")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WorkloadError(f"trace: {str(path)!r} has damaged {META_KEY.decode()} metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise WorkloadError(f"trace: {str(path)!r} metadata must be a JSON object (got {type(meta).__name__})")
     if meta.get("format") != TRACE_FORMAT or meta.get("version") != TRACE_VERSION:
         raise WorkloadError(
             f"trace: {str(path)!r} has format {meta.get('format')!r} version {meta.get('version')!r}; "
             f"this harness reads {TRACE_FORMAT!r} version {TRACE_VERSION}"
         )
+    missing = [c for c in TRACE_COLUMNS if c not in schema.names]
+    if missing:
+        raise WorkloadError(f"trace: {str(path)!r} lacks the columns {missing} of the trace format")
+    layers = meta.get("layers")
+    if not isinstance(layers, list) or not layers:
+        raise WorkloadError(f"trace: {str(path)!r} metadata must list its MoE layers (got layers = {layers!r})")
+    for i, layer in enumerate(layers):
+        e = layer.get("num_experts") if isinstance(layer, dict) else None
+        if isinstance(e, bool) or not isinstance(e, int) or e < 1:
+            raise WorkloadError(
+                f"trace: {str(path)!r} metadata layers[{i}].num_experts must be an integer >= 1 (got {e!r})"
+            )
     return meta
 
 
@@ -137,6 +155,7 @@ class TraceConfig(WorkloadConfig):
     token of batch 0. seq_len is unused: sequences are the captured ones."""
 
     workload: ClassVar[str] = "trace"
+    path_fields: ClassVar[tuple[str, ...]] = ("path",)
     path: str = ""
     layer: int = 0
     fit_every: int = 10

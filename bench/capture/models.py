@@ -267,6 +267,9 @@ def capture_trace(
     model, config = load_model(model_id, dtype, dev)
     num_experts = int(getattr(config, "num_local_experts", 0) or getattr(config, "num_experts", 0) or 8)
     token_N, source_N, how = _tokens(workload, model_id, config, num_tokens, tokenizer_mode, num_experts)
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and min(seq_len, num_tokens) > limit:
+        raise RoutingError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings = {limit}")
     gates, logits, seq_N, pos_N = capture_logits(model, config, token_N, seq_len, batch_size, dev)
     tf = _transformers()
     meta = {
@@ -279,7 +282,7 @@ def capture_trace(
             for i, (g, x) in enumerate(zip(gates, logits, strict=True))
         ],
         "tokens": int(token_N.shape[0]),
-        "seq_len": seq_len,
+        "seq_len": int(pos_N.max()) + 1,  # the sequences' length as fed (--seq-len, or fewer tokens)
         "tokenizer": how,
         "vocab_size": getattr(config, "vocab_size", None),
         "workload": workload.describe(),

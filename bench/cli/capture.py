@@ -18,9 +18,11 @@ from moe_routing_bench.workloads.registry import build_workload
 @click.option("--model", "model_id", required=True, help="Folder from save_pretrained, or a hub id in the local cache.")
 @options.workload_choice("text")
 @click.option("--lang", default=None, help="Shortcut for --workload-opt lang=LANG (text workload).")
-@click.option("--tokens", "-T", "num_tokens", type=int, default=4096, show_default=True)
-@click.option("--seq-len", type=int, default=512, show_default=True, help="Tokens per sequence fed to the model.")
-@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per forward pass.")
+@click.option("--tokens", "-T", "num_tokens", type=options.INT, default=4096, show_default=True)
+@click.option(
+    "--seq-len", type=options.INT, default=512, show_default=True, help="Tokens per sequence fed to the model."
+)
+@click.option("--batch-size", type=options.INT, default=4, show_default=True, help="Sequences per forward pass.")
 @click.option(
     "--tokenizer",
     "tokenizer_mode",

@@ -44,17 +44,21 @@ def _print_summary(summary: list[dict[str, Any]], nproc: int, backend: str, plac
 
 @click.command("ep")
 @click.option(
-    "--nproc", type=int, default=2, show_default=True, help="Ranks (processes) N; experts are sharded over them."
+    "--nproc",
+    type=options.INT,
+    default=2,
+    show_default=True,
+    help="Ranks (processes) N; experts are sharded over them.",
 )
 @options.router_choice("switch")
 @options.workload_choice()
-@click.option("--tokens", "-T", type=int, default=1024, show_default=True, help="Tokens per rank per step T.")
-@click.option("--experts", "-E", type=int, default=None, help="Experts E [8, or --model's].")
-@click.option("--hidden", "-D", type=int, default=None, help="Hidden size D [128, or --model's].")
+@click.option("--tokens", "-T", type=options.INT, default=1024, show_default=True, help="Tokens per rank per step T.")
+@click.option("--experts", "-E", type=options.INT, default=None, help="Experts E [8, or --model's].")
+@click.option("--hidden", "-D", type=options.INT, default=None, help="Hidden size D [128, or --model's].")
 @click.option("--ffn-ratio", type=float, default=2.0, show_default=True, help="F = ffn_ratio * D.")
 @click.option("--placement", default="contiguous", show_default=True, help="contiguous, round-robin or FILE.json.")
-@click.option("--repeats", type=int, default=5, show_default=True, help="Measured steps per configuration.")
-@click.option("--warmup", type=int, default=1, show_default=True)
+@click.option("--repeats", type=options.INT, default=5, show_default=True, help="Measured steps per configuration.")
+@click.option("--warmup", type=options.INT, default=1, show_default=True)
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(list(DTYPES)))
 @click.option("--backend", default="torch", show_default=True, type=click.Choice(["torch"]), help="Dispatch backend.")
 @click.option("--dist-backend", default="auto", show_default=True, type=click.Choice(["auto", "gloo", "nccl"]))
@@ -118,6 +122,11 @@ def ep_cmd(
     else:
         _print_summary(summary, nproc, ep.dist_backend, placement)
         click.echo(f"\n{run.path}", err=True)
+    failed = [c for c in summary if c["status"] != "ok"]
     if rc != 0:
         click.echo(f"moe-bench: error: the ep launch failed (status {rc}); see {run.path / LOG_FILE}", err=True)
+        raise SystemExit(1)
+    if failed:
+        first = str(failed[0]["error"]).splitlines()[0]
+        click.echo(f"moe-bench: error: {len(failed)} of {len(summary)} configurations failed: {first}", err=True)
         raise SystemExit(1)

@@ -5,21 +5,22 @@ from __future__ import annotations
 import click
 import torch
 
+from moe_routing_bench.bench.cli import options
 from moe_routing_bench.bench.microbench.route_cost import DEFAULT_ROUTERS, route_cost
 from moe_routing_bench.bench.spec import parse_specs
 
 
 @click.command("route-cost")
-@click.option("--tokens", "num_tokens", type=int, default=1_000_000, show_default=True)
-@click.option("--experts", "num_experts", type=int, default=256, show_default=True)
-@click.option("--top-k", "top_k", type=int, default=8, show_default=True)
-@click.option("--repeats", type=int, default=3, show_default=True)
+@click.option("--tokens", "num_tokens", type=options.INT, default=1_000_000, show_default=True)
+@click.option("--experts", "num_experts", type=options.INT, default=256, show_default=True)
+@click.option("--top-k", "top_k", type=options.INT, default=8, show_default=True)
+@click.option("--repeats", type=options.INT, default=3, show_default=True)
 @click.option(
     "--routers", "router_text", default=DEFAULT_ROUTERS, show_default=True, help="Router specs, comma-separated."
 )
 @click.option(
     "--dense-tokens",
-    type=int,
+    type=options.INT,
     default=131_072,
     show_default=True,
     help="T for `dense` (T * E requests), with its own baseline at that T; 0: the full T.",

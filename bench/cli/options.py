@@ -8,6 +8,7 @@ one library function each.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,10 @@ from typing import Any
 import click
 
 from moe_routing_bench.bench.models import ModelPreset, get_model
+from moe_routing_bench.bench.record import RunFailed, WriteError, one_line
 from moe_routing_bench.bench.spec import (
+    INT64_MAX,
+    SEED_MAX,
     CapacityFactor,
     Notes,
     Spec,
@@ -31,12 +35,35 @@ from moe_routing_bench.routers.registry import router_names
 from moe_routing_bench.workloads.registry import load_plugin
 
 ERROR_EXIT = 2  # bad input: one line on stderr naming the parameter, no traceback
+FAILED_EXIT = 1  # a run that failed (meta.json says so), or a file that could not be written
+INTERRUPTED_EXIT = 130
 DEFAULT_OUT = Path("results")
+TRACEBACK_ENV = "MOE_BENCH_TRACEBACK"  # set to 1 to see the traceback of an internal error
+
+
+class Int64(click.ParamType):
+    """An integer that an int64 column and a tensor can hold: one past it (``-T 99999999999999999999``)
+    is refused naming the flag. Lower bounds are the library's, which says what a value means."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        number = click.INT.convert(value, param, ctx)
+        if not -INT64_MAX - 1 <= number <= INT64_MAX:
+            self.fail(f"{value} is past the 64-bit integer range (|x| <= {INT64_MAX})", param, ctx)
+        return number
+
+
+INT = Int64()
+SEED = click.IntRange(0, SEED_MAX)  # what every generator the harness seeds accepts
 
 
 class MoeBenchGroup(click.Group):
-    """Bad input becomes one line naming the parameter, exit status 2, no traceback; warnings
-    from the library are one line each on stderr."""
+    """Every failure is one line on stderr, never a traceback: bad input (a RoutingError or
+    ValueError, or a flag click refuses) names the parameter, exit 2; a run that failed (RunFailed:
+    meta.json says why) or a file that could not be written, exit 1; Ctrl-C or SIGTERM, exit 130;
+    anything else is an internal error, exit 1 (MOE_BENCH_TRACEBACK=1 shows its traceback).
+    Library warnings are one line each."""
 
     def invoke(self, ctx: click.Context) -> Any:
         with warnings.catch_warnings():
@@ -44,9 +71,38 @@ class MoeBenchGroup(click.Group):
             warnings.showwarning = _warn_line  # one line on stderr, no source excerpt
             try:
                 return super().invoke(ctx)
+            except (click.exceptions.Exit, click.Abort):
+                raise
+            except click.ClickException as exc:
+                hint = f" (see {exc.ctx.command_path} -h)" if getattr(exc, "ctx", None) is not None else ""
+                _error_line(exc.format_message() + hint)
+                ctx.exit(exc.exit_code)
+            except RunFailed as exc:
+                _error_line(str(exc))
+                ctx.exit(FAILED_EXIT)
             except (RoutingError, ValueError) as exc:
-                click.echo(f"moe-bench: error: {exc}", err=True)
+                _error_line(str(exc))
                 ctx.exit(ERROR_EXIT)
+            except KeyboardInterrupt:
+                click.echo("moe-bench: interrupted: finished work is kept", err=True)
+                ctx.exit(INTERRUPTED_EXIT)
+            except OSError as exc:
+                _error_line(one_line(exc) if isinstance(exc, WriteError) else _os_error(exc))
+                ctx.exit(FAILED_EXIT)
+            except Exception as exc:
+                if os.environ.get(TRACEBACK_ENV):
+                    raise
+                _error_line(f"internal error: {one_line(exc)} ({TRACEBACK_ENV}=1 shows the traceback)")
+                ctx.exit(FAILED_EXIT)
+
+
+def _error_line(message: str) -> None:
+    click.echo(f"moe-bench: error: {' '.join(message.split())}", err=True)
+
+
+def _os_error(exc: OSError) -> str:
+    where = f": {exc.filename}" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}"
 
 
 def _warn_line(message, category, filename, lineno, file=None, line=None) -> None:
@@ -114,9 +170,9 @@ model = click.option(
     help="A real MoE layer's shape and router (`moe-bench list models`): E, D, F, K and its router.",
 )
 top_k = click.option(
-    "--top-k", "-K", "top_k", type=int, default=None, help="Choices per token K where a router's K is free."
+    "--top-k", "-K", "top_k", type=INT, default=None, help="Choices per token K where a router's K is free."
 )
-seed = click.option("--seed", type=int, default=0, show_default=True)
+seed = click.option("--seed", type=SEED, default=0, show_default=True)
 device = click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 output_format = click.option(
     "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True

@@ -13,7 +13,7 @@ from moe_routing_bench.bench.models import get_model
 from moe_routing_bench.bench.quality.runner import format_table, run_quality
 from moe_routing_bench.bench.quality.train import QualityConfig, parse_router_specs
 from moe_routing_bench.bench.spec import DEFAULT, parse_capacity_factor
-from moe_routing_bench.bench.timing import device_name, resolve_device
+from moe_routing_bench.bench.timing import resolve_device
 from moe_routing_bench.kernels.layer import resolve_backend
 
 
@@ -24,28 +24,38 @@ from moe_routing_bench.kernels.layer import resolve_backend
     default=None,
     help="'all' (the default), or names and variants: switch,topk,hash[variant=balanced]; --model's own.",
 )
-@click.option("--steps", default=300, show_default=True, help="Training steps per router.")
-@click.option("--experts", type=int, default=None, help="Experts per MoE layer E [8, or --model's].")
+@click.option("--steps", type=options.INT, default=300, show_default=True, help="Training steps per router.")
+@click.option("--experts", type=options.INT, default=None, help="Experts per MoE layer E [8, or --model's].")
 @options.model
-@click.option("--top-k", type=int, default=None, help="K for routers that accept it (default: each router's own).")
+@click.option(
+    "--top-k", type=options.INT, default=None, help="K for routers that accept it (default: each router's own)."
+)
 @click.option(
     "--capacity-factor",
     "cf_text",
     default=None,
     help="A number, or 'none' for dropless (default: each router's own).",
 )
-@click.option("--layers", default=2, show_default=True, help="MoE transformer blocks.")
-@click.option("--width", default=64, show_default=True, help="Model width D.")
-@click.option("--heads", default=4, show_default=True, help="Attention heads.")
-@click.option("--vocab", default=2048, show_default=True, help="Remapped vocabulary V (most frequent ids + OOV).")
-@click.option("--seq-len", default=64, show_default=True, help="Tokens per sequence S.")
-@click.option("--batch-seqs", default=8, show_default=True, help="Sequences per step B (T = B * S tokens).")
+@click.option("--layers", type=options.INT, default=2, show_default=True, help="MoE transformer blocks.")
+@click.option("--width", type=options.INT, default=64, show_default=True, help="Model width D.")
+@click.option("--heads", type=options.INT, default=4, show_default=True, help="Attention heads.")
+@click.option(
+    "--vocab",
+    type=options.INT,
+    default=2048,
+    show_default=True,
+    help="Remapped vocabulary V (most frequent ids + OOV).",
+)
+@click.option("--seq-len", type=options.INT, default=64, show_default=True, help="Tokens per sequence S.")
+@click.option(
+    "--batch-seqs", type=options.INT, default=8, show_default=True, help="Sequences per step B (T = B * S tokens)."
+)
 @click.option("--lr", default=3e-3, show_default=True, help="Peak AdamW learning rate (warm-up, cosine).")
 @click.option("--aux-coef", default=0.01, show_default=True, help="Weight of the router's aux loss.")
 @click.option("--lang", default="en", show_default=True, help="Training text language, or 'code'.")
 @click.option("--eval-lang", default="de", show_default=True, help="Other language for held-out loss.")
-@click.option("--eval-batches", default=8, show_default=True, help="Held-out batches of B sequences.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--eval-batches", type=options.INT, default=8, show_default=True, help="Held-out batches of B sequences.")
+@click.option("--seed", type=options.SEED, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--backend", default="torch", show_default=True, help="Dispatch backend (torch has autograd).")
 @click.option("--out", "out_root", default="results", show_default=True, type=click.Path(file_okay=False))
@@ -58,6 +68,7 @@ from moe_routing_bench.kernels.layer import resolve_backend
 )
 @click.option(
     "--threads",
+    type=options.INT,
     default=1,
     show_default=True,
     help="CPU threads (a tiny model's matmuls gain nothing from more, and lose much to contention).",
@@ -124,11 +135,6 @@ def quality_cmd(
     # A model keeps the tiny LM's width and depth: its router, E, K and FFN kind are what carry over.
     specs = (
         [model.router_spec] if model is not None and routers_text is None else parse_router_specs(routers_text or "all")
-    )
-    click.echo(
-        f"quality: {len(specs)} routers x {steps} steps; L={layers} D={width} H={heads} E={experts} "
-        f"V={vocab} S={seq_len} B={batch_seqs} (T={batch_seqs * seq_len}) on {device_name(dev)}",
-        err=True,
     )
     path, rows = run_quality(
         cfg,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -51,9 +52,13 @@ def list_cmd(what: str, plugins: tuple[str, ...]) -> None:
 
 @click.command("route")
 @options.router_choice()
-@click.option("--tokens", "-T", "num_tokens", type=int, default=4096, show_default=True, help="Tokens per batch T.")
-@click.option("--experts", "-E", "num_experts", type=int, default=None, help="Experts E [64, or a trace's own].")
-@click.option("--batches", "-B", "num_batches", type=int, default=20, show_default=True)
+@click.option(
+    "--tokens", "-T", "num_tokens", type=options.INT, default=4096, show_default=True, help="Tokens per batch T."
+)
+@click.option(
+    "--experts", "-E", "num_experts", type=options.INT, default=None, help="Experts E [64, or a trace's own]."
+)
+@click.option("--batches", "-B", "num_batches", type=options.INT, default=20, show_default=True)
 @options.workload_choice()
 @click.option(
     "--breakdown",
@@ -156,6 +161,16 @@ def _fmt(x: float) -> str:
     return f"{x:.4f}" if abs(x) < 100 else f"{x:.1f}"
 
 
+def _router_form(router: Any) -> str:
+    """The router and its options: what a label stands for (``deepseek-v3`` = hierarchical,
+    groups form, sigmoid scores, 8 groups, 4 kept)."""
+    cfg = router.config
+    shown = [
+        f"{f.name}={getattr(cfg, f.name)}" for f in dataclasses.fields(cfg) if f.name not in ("num_experts", "seed")
+    ]
+    return f"router {router.name}: {' '.join(shown)}"
+
+
 def _print_tables(report: RouteReport) -> None:
     results, extra = report.results, report.extra
     for name, res in results.items():
@@ -170,6 +185,7 @@ def _print_tables(report: RouteReport) -> None:
         if name in extra:
             line += f"  [smallest C with drop_rate <= {extra[name]['target_drop']}]"
         click.echo(line)
+        click.echo(f"  {_router_form(res.router)}")
     names = list(results)
     summaries = {n: results[n].summary for n in names}
     if len(names) == 1:

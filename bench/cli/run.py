@@ -13,6 +13,8 @@ from moe_routing_bench.bench.cli import options
 from moe_routing_bench.bench.harness.merge import merge_runs
 from moe_routing_bench.bench.harness.runner import (
     SWEEP_FLAGS,
+    check_executor,
+    check_timeout,
     describe,
     execute,
     open_sweep,
@@ -52,8 +54,8 @@ _SUMMARY_FORMATS = {
 @click.option("--backend", "backends", default=None, help="Comma-separated: torch, einsum, triton.")
 @click.option("--dtype", "dtypes", default=None, help="Comma-separated: float32, float16, bfloat16.")
 @click.option("--device", default=None, type=click.Choice(["auto", "cpu", "cuda"]))
-@click.option("--repeats", type=int, default=None, help="Timed repeats per configuration (after warm-up).")
-@click.option("--seed", type=int, default=None)
+@click.option("--repeats", type=options.INT, default=None, help="Timed repeats per configuration (after warm-up).")
+@click.option("--seed", type=options.SEED, default=None)
 @click.option("--mode", "modes", default=None, help="fwd or fwd+bwd (comma-separated for both).")
 @options.out_dir
 @click.option("--resume", type=click.Path(path_type=Path), default=None, help="Finish this run directory.")
@@ -74,6 +76,8 @@ def run_cmd(**kw) -> None:
     ctx = click.get_current_context()
     given = [k for k in kw if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE]
     notes = options.notes()
+    check_timeout(kw["timeout"])
+    check_executor(kw["executor"], kw["ray_address"])
     if kw["resume"] is not None:
         flag_of = {p.name: p.opts[0] for p in ctx.command.params}
         conflicts = [flag_of[g] for g in given if g in SWEEP_FLAGS]
@@ -83,8 +87,6 @@ def run_cmd(**kw) -> None:
                 f"drop {', '.join(conflicts)}"
             )
         sweep = open_sweep(kw["resume"], retry_errors=kw["retry_errors"], notes=notes)
-        for part in sweep.run.set_aside:
-            click.echo(f"moe-bench: note: unreadable part {part} moved aside; its configuration runs again", err=True)
     else:
         if kw["retry_errors"]:
             raise RoutingError("--retry-errors needs --resume RUN_DIR")
@@ -102,6 +104,8 @@ def run_cmd(**kw) -> None:
             notes=notes,
         )
     left = todo(sweep)
+    for part in sweep.run.set_aside:
+        click.echo(f"moe-bench: note: unreadable part {part} moved aside; its configuration runs again", err=True)
     click.echo(
         f"run {sweep.run.run_id}: {len(sweep.points)} configurations, {len(sweep.points) - len(left)} already "
         f"done, device {sweep.meta['device_name']}, results in {sweep.run.path}",
@@ -118,10 +122,11 @@ def run_cmd(**kw) -> None:
             progress=bar.update,
         )
     except KeyboardInterrupt:
-        bar.close()
+        bar.close()  # before the line that says so
         click.echo("interrupted: finished configurations are kept; finish with --resume", err=True)
         raise SystemExit(130) from None
-    bar.close()
+    finally:
+        bar.close()  # before any error line: that line is the last one
     rows, _, _ = load_run(sweep.run.path)
     table = summary_table(rows)
     if not table.empty:

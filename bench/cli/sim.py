@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import click
 
 from moe_routing_bench.bench.cli import options
 from moe_routing_bench.bench.sim.model import PRESETS, canonical_dtype, preset
-from moe_routing_bench.bench.sim.runner import SIM_TABLE, SimSweep, simulate_rows, write_sim_run
+from moe_routing_bench.bench.sim.runner import SIM_TABLE, SimSweep, simulate_run
 from moe_routing_bench.bench.spec import Spec, split_list
 from moe_routing_bench.routers.contract import RoutingError
 
@@ -21,33 +20,45 @@ def _ints(text: str, what: str) -> list[int]:
         values = [int(v) for v in split_list(text)]
     except ValueError:
         raise RoutingError(f"--{what} must be comma-separated integers (got {text!r})") from None
-    if not values or any(v < 1 for v in values):
-        raise RoutingError(f"--{what} must be integers >= 1 (got {text!r})")
+    if not values or any(not 1 <= v <= options.INT64_MAX for v in values):
+        raise RoutingError(f"--{what} must be integers between 1 and {options.INT64_MAX} (got {text!r})")
     return values
 
 
 def _print_sim(rows: list[dict[str, Any]]) -> None:
-    head = (
-        f"{'router':<14}{'workload':<11}{'placement':<12}{'G':>6}{'nodes':>6}{'step ms':>10}"
-        f"{'a2a ms':>9}{'comp max':>10}{'comp mean':>10}{'strag':>7}{'load':>7}{'inter GB':>10}"
-    )
-    click.echo(head)
-    for r in rows:
-        click.echo(
-            f"{r['router']:<14}{r['workload']:<11}{r['placement']:<12}{r['devices']:>6}{r['nodes']:>6}"
-            f"{r['step_time_s'] * 1e3:>10.3f}{(r['a2a_dispatch_s'] + r['a2a_combine_s']) * 1e3:>9.3f}"
-            f"{r['compute_max_s'] * 1e3:>10.3f}{r['compute_mean_s'] * 1e3:>10.3f}{r['straggler']:>7.3f}"
-            f"{r['load_ratio']:>7.3f}{r['bytes_inter_node'] / 1e9:>10.3f}"
-        )
+    # Every column is as wide as its widest entry, two spaces apart: G = 10,000,000 never runs into nodes.
+    cols = [
+        ("router", "<", lambda r: r["router"]),
+        ("workload", "<", lambda r: r["workload"]),
+        ("placement", "<", lambda r: r["placement"]),
+        ("G", ">", lambda r: str(r["devices"])),
+        ("nodes", ">", lambda r: str(r["nodes"])),
+        ("step ms", ">", lambda r: f"{r['step_time_s'] * 1e3:.3f}"),
+        ("a2a ms", ">", lambda r: f"{(r['a2a_dispatch_s'] + r['a2a_combine_s']) * 1e3:.3f}"),
+        ("comp max", ">", lambda r: f"{r['compute_max_s'] * 1e3:.3f}"),
+        ("comp mean", ">", lambda r: f"{r['compute_mean_s'] * 1e3:.3f}"),
+        ("strag", ">", lambda r: f"{r['straggler']:.3f}"),
+        ("load", ">", lambda r: f"{r['load_ratio']:.3f}"),
+        ("inter GB", ">", lambda r: f"{r['bytes_inter_node'] / 1e9:.3f}"),
+    ]
+    cells = [[get(r) for _, _, get in cols] for r in rows]
+    widths = [max([len(name), *(len(c[i]) for c in cells)]) for i, (name, _, _) in enumerate(cols)]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(f"{v:{a}{w}}" for v, (_, a, _), w in zip(values, cols, widths, strict=True)).rstrip()
+
+    click.echo(line([name for name, _, _ in cols]))
+    for c in cells:
+        click.echo(line(c))
 
 
 @click.command("simulate")
 @click.option("--devices", "-G", "devices_text", required=True, help="Device counts G, comma-separated.")
-@click.option("--experts", "-E", type=int, default=None, help="Experts E [256, or --model's].")
-@click.option("--nodes-of", "nodes_of", type=int, default=8, show_default=True, help="Devices per node K.")
+@click.option("--experts", "-E", type=options.INT, default=None, help="Experts E [256, or --model's].")
+@click.option("--nodes-of", "nodes_of", type=options.INT, default=8, show_default=True, help="Devices per node K.")
 @click.option(
     "--ep-size",
-    type=int,
+    type=options.INT,
     default=None,
     help="Devices per expert-parallel group (default: G, or E when G > E).",
 )
@@ -60,8 +71,8 @@ def _print_sim(rows: list[dict[str, Any]]) -> None:
 )
 @options.router_choice("switch")
 @options.workload_choice()
-@click.option("--tokens", "-T", type=int, default=4096, show_default=True, help="Tokens per device T.")
-@click.option("--hidden", "-D", type=int, default=None, help="Hidden size D [4096, or --model's].")
+@click.option("--tokens", "-T", type=options.INT, default=4096, show_default=True, help="Tokens per device T.")
+@click.option("--hidden", "-D", type=options.INT, default=None, help="Hidden size D [4096, or --model's].")
 @click.option("--ffn-ratio", type=float, default=2.0, show_default=True, help="F = ffn_ratio * D.")
 @click.option("--dtype", default="bf16", show_default=True, help="bf16, fp16, fp8 or fp32 (bytes per element).")
 @click.option("--gpu", default="h100", show_default=True, type=click.Choice(sorted(PRESETS)), help="Preset figures.")
@@ -74,7 +85,7 @@ def _print_sim(rows: list[dict[str, Any]]) -> None:
 @click.option(
     "--plans",
     "num_plans",
-    type=int,
+    type=options.INT,
     default=8,
     show_default=True,
     help="Real batches routed (tiled over devices).",
@@ -110,6 +121,9 @@ def simulate_cmd(
 ) -> None:
     """Model one expert-parallel step on G devices from real plans: all-to-all traffic (alpha-beta
     network), roofline expert compute, step time and straggler."""
+    out_given = click.get_current_context().get_parameter_source("out_dir") == click.core.ParameterSource.COMMANDLINE
+    if no_save and out_given:
+        raise RoutingError("--no-save writes no run directory: it cannot be given with --out")
     dtype = canonical_dtype(dtype)
     hw = preset(
         gpu,
@@ -143,10 +157,7 @@ def simulate_cmd(
         top_k=flags.top_k,
         capacity_factor=flags.capacity_factor,
     )
-    t0 = time.perf_counter()
-    rows = simulate_rows(sweep, flags.notes)
-    seconds = time.perf_counter() - t0
-    run = None if no_save else write_sim_run(out_dir, sweep, rows, gpu=gpu, seconds=seconds)
+    rows, run, seconds = simulate_run(sweep, None if no_save else out_dir, flags.notes, gpu=gpu)
     if fmt == "json":
         out = {"run_dir": str(run.path) if run else None, "seconds": seconds, "rows": rows}
         click.echo(json.dumps(out, indent=2, default=str))

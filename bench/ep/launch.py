@@ -25,11 +25,13 @@ import torch
 from moe_routing_bench.bench.ep.exchange import EPPoint
 from moe_routing_bench.bench.ep.record import consolidate, load_ep_ranks, write_error
 from moe_routing_bench.bench.ep.worker import CONFIGS_FILE
-from moe_routing_bench.bench.harness.plan import memory_budget_bytes, planned_bytes
+from moe_routing_bench.bench.harness.plan import planned_bytes
+from moe_routing_bench.bench.harness.runner import check_timeout
 from moe_routing_bench.bench.harness.sweep import expand, load_blocks
 from moe_routing_bench.bench.placement import check_spec, make_placement
 from moe_routing_bench.bench.record import RunDir, load_run, new_meta, recording
 from moe_routing_bench.bench.spec import DEFAULT, CapacityFactor, Notes, Spec
+from moe_routing_bench.bench.timing import check_fits, element_size, memory_budget_bytes, routing_bytes
 from moe_routing_bench.kernels.layer import list_backends
 from moe_routing_bench.routers.contract import RoutingError
 from moe_routing_bench.routers.registry import loaded_plugins
@@ -132,17 +134,25 @@ def launch(run: RunDir, nproc: int, timeout: float) -> tuple[int, str]:
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGTERM)  # the session we started: torchrun and its ranks
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            _stop(proc)
             rc = 124
+        except BaseException:  # Ctrl-C, SIGTERM: the ranks must not outlive the command
+            _stop(proc)
+            raise
     lines = log_path.read_text(errors="replace").splitlines()
     errors = [ln for ln in lines if "Error" in ln or "error:" in ln]
     tail = "\n".join((errors[-3:] if errors else []) + lines[-8:])
     return rc, tail
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End the session we started (torchrun and its ranks): SIGTERM, then SIGKILL after 15 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def summarize(rows, ranks, order: list[str]) -> list[dict[str, Any]]:
@@ -194,7 +204,12 @@ def run_ep(
     ep: EPSweep, out_dir: Path, *, timeout: float, plugin_paths: list[str], notes: Notes | None = None
 ) -> tuple[RunDir, int, list[dict[str, Any]]]:
     """Validate, launch, record. Returns (run directory, torchrun's exit status, per-config summary)."""
+    check_timeout(timeout)
     points = ep_points(ep, notes)
+    per_rank = routing_bytes(ep.tokens, ep.experts) + 4 * ep.tokens * ep.hidden * element_size(ep.dtype)
+    gpu = ep.dist_backend == "nccl"  # one GPU per rank; on CPU the ranks share the host's memory
+    what = f"--nproc {ep.nproc} x --tokens {ep.tokens} x --experts {ep.experts} x --hidden {ep.hidden}"
+    check_fits(per_rank if gpu else ep.nproc * per_rank, what, "cuda" if gpu else "cpu")
     if ep.dump_dir:
         Path(ep.dump_dir).mkdir(parents=True, exist_ok=True)
     run = RunDir.create(out_dir)

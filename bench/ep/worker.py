@@ -51,8 +51,10 @@ from moe_routing_bench.bench.routing import wants_fit
 from moe_routing_bench.bench.timing import StageTimer, dtype_of, quantiles, stopwatch
 from moe_routing_bench.routers.contract import Plan
 from moe_routing_bench.routers.registry import build_router, load_plugin
+from moe_routing_bench.routers.validate import PlanError, validate_plan
 
 CONFIGS_FILE = "ep_configs.json"
+_MESSAGE_BYTES = 512  # of a failed plan check, sent from the rank that found it
 
 
 def _barrier(device: torch.device) -> None:
@@ -98,6 +100,34 @@ def whole_step_plan(plan: Plan, rank: int, world: int) -> Plan:
     )
 
 
+def _plan_problem(router, batch, plan, label: str) -> str:
+    """``validate_plan``'s complaint about this rank's plan, or "" when it passes."""
+    try:
+        validate_plan(router, batch, plan, label)
+    except PlanError as exc:
+        return str(exc)
+    return ""
+
+
+def _agree(problem: str, device: torch.device, world: int) -> str:
+    """Every rank learns whether any rank's plan failed the check, in the collective that is the
+    barrier before the exchange (no extra synchronisation on the good path); returns the first
+    failing rank's complaint (sent as int64 byte codes, not pickles), or ""."""
+    flag = torch.tensor([1 if problem else 0], dtype=torch.int64, device=device)
+    dist.all_reduce(flag)
+    if not int(flag.item()):
+        return ""
+    raw = list(problem.encode()[:_MESSAGE_BYTES])
+    msg = torch.zeros(_MESSAGE_BYTES, dtype=torch.int64, device=device)
+    if raw:
+        msg[: len(raw)] = torch.tensor(raw, dtype=torch.int64, device=device)
+    for r, codes in enumerate(_gather(msg, world).tolist()):
+        text = bytes(c for c in codes if c).decode(errors="replace")
+        if text:
+            return f"{text} (rank {r})"
+    return "a rank's plan failed the check"
+
+
 def run_config(ep: EPPoint, rank: int, world: int, device: torch.device) -> dict[str, Any]:
     """Run one configuration on this rank; returns what every rank gathered (rank 0 writes it)."""
     point = ep.point
@@ -132,12 +162,16 @@ def run_config(ep: EPPoint, rank: int, world: int, device: torch.device) -> dict
             with stopwatch(device, total):
                 with clock("route"):
                     plan = router.route(batch)
-                with clock("permute"):
-                    d = plan_dispatch(plan)
-                    out = outgoing(d, sh)
-                    x_send = send_rows(x_TD, d, out)
+                problem = _plan_problem(router, batch, plan, point.router_label)
+                if not problem:
+                    with clock("permute"):
+                        d = plan_dispatch(plan)
+                        out = outgoing(d, sh)
+                        x_send = send_rows(x_TD, d, out)
                 with clock("wait_dispatch"):
-                    _barrier(device)
+                    failed = _agree(problem, device, world)  # the barrier before the exchange
+                if failed:
+                    raise PlanError(failed)
                 with clock("a2a_dispatch"):
                     recv_counts = torch.empty(world * n_local, dtype=torch.int64, device=device)
                     dist.all_to_all_single(recv_counts, out.counts_P, [n_local] * world, sh.experts_W)
@@ -243,6 +277,15 @@ def write_results(run_path: Path, ep: EPPoint, gathered: dict[str, Any]) -> None
     write_ep_config(run_path, ep, gathered, rank_table(ep, gathered))
 
 
+def write_error_row(run_path: Path, ep: EPPoint, error: str) -> None:
+    """Rank 0: the configuration's row with status=error (its plans failed the check)."""
+    from moe_routing_bench.bench.ep.record import write_error
+    from moe_routing_bench.bench.record import RunDir
+
+    run = RunDir.open(run_path)
+    write_error(run, ep, run.read_meta(), error)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
@@ -268,9 +311,14 @@ def main(argv: list[str] | None = None) -> int:
             if ep.nproc != world:
                 raise RuntimeError(f"config wants {ep.nproc} ranks but the group has {world}")
             torch.manual_seed(ep.point.seed)
-            gathered = run_config(ep, rank, world, device)
-            if rank == 0:
-                write_results(run_path, ep, gathered)
+            try:
+                gathered = run_config(ep, rank, world, device)
+            except PlanError as exc:  # every rank raised it together: this configuration is an error row
+                if rank == 0:
+                    write_error_row(run_path, ep, str(exc))
+            else:
+                if rank == 0:
+                    write_results(run_path, ep, gathered)
             _barrier(device)
     finally:
         dist.destroy_process_group()

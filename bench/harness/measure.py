@@ -25,8 +25,8 @@ from moe_routing_bench.bench.breakdown import DropSplit
 from moe_routing_bench.bench.harness.sweep import Point
 from moe_routing_bench.bench.metrics import METRICS, aggregate, batch_metrics
 from moe_routing_bench.bench.moe_layer import run_layer
-from moe_routing_bench.bench.record import STAGES, TIMED_STAGES
 from moe_routing_bench.bench.routing import wants_fit
+from moe_routing_bench.bench.schema import STAGES, TIMED_STAGES
 from moe_routing_bench.bench.timing import (
     CpuHeap,
     RssSampler,
@@ -43,6 +43,7 @@ from moe_routing_bench.kernels.layer import get_backend
 from moe_routing_bench.kernels.workspace import Workspace
 from moe_routing_bench.routers.contract import Batch, Plan
 from moe_routing_bench.routers.registry import build_router
+from moe_routing_bench.routers.validate import validate_plan
 from moe_routing_bench.workloads.registry import build_workload
 
 
@@ -96,9 +97,11 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
                 if m is not None:
                     m.zero_grad(set_to_none=True)
         total: list[float] = []
+        with stopwatch(device, total), torch.set_grad_enabled(backward), timer("route"):
+            plan = router.route(batch)
+        # The one plan check, between the router and the layer, outside the step's time.
+        validate_plan(router, batch, plan, point.router_label)
         with stopwatch(device, total), torch.set_grad_enabled(backward):
-            with timer("route"):
-                plan = router.route(batch)
             out_TD, d = run_layer(
                 plan,
                 x_TD,
@@ -115,8 +118,8 @@ def measure_point(point: Point) -> tuple[dict[str, Any], dict[str, list[dict[str
                 with timer("backward"):
                     out_TD.backward(grad)
         times = timer.collect()
-        times["total"] = total[0]
-        times["other"] = total[0] - sum(times.get(s, 0.0) for s in TIMED_STAGES)
+        times["total"] = sum(total)
+        times["other"] = times["total"] - sum(times.get(s, 0.0) for s in TIMED_STAGES)
         return times, plan, d
 
     stage_times: dict[str, list[float]] = defaultdict(list)

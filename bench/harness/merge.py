@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moe_routing_bench.bench.harness.sweep import expand
-from moe_routing_bench.bench.record import ROW_SCHEMA, TABLES, RunDir, atomic_write_table, now
+from moe_routing_bench.bench.record import RunDir, atomic_write_table, now, recording
+from moe_routing_bench.bench.schema import ROW_SCHEMA, TABLES
 from moe_routing_bench.kernels.layer import list_backends
 from moe_routing_bench.routers.contract import RoutingError
 from moe_routing_bench.workloads.registry import load_plugin, workload_names
@@ -34,27 +35,15 @@ def merge_runs(sources: list[Path], out_root: Path, allow_different: bool = Fals
             "merge: the runs come from different sweeps (meta.json blocks differ); pass --allow-different"
         )
     owner: dict[str, Path] = {}
-    for run in runs:
-        for cid in run.finished():
+    for run, meta in zip(runs, metas, strict=True):
+        ids = set(meta["config_ids"]) if isinstance(meta.get("config_ids"), list) else None
+        for cid in run.finished(ids):
             if cid in owner:
                 raise RoutingError(f"merge: configuration {cid} is in both {owner[cid]} and {run.path}")
             owner[cid] = run.path
     expected = _sweep_ids(metas)
     missing = sorted(set(expected) - set(owner)) if expected is not None else []
     merged = RunDir.create(out_root)
-    for run in runs:
-        # rows, loads, breakdown, and any other per-config table a command wrote (ep_ranks).
-        known = {"rows": ROW_SCHEMA, **TABLES}
-        for folder in sorted(p for p in run.path.iterdir() if p.is_dir() and any(p.glob("*.parquet"))):
-            for part in sorted(folder.glob("*.parquet")):
-                if part.stem not in owner:
-                    continue  # a stray file, or a part set aside: not this sweep's
-                table = pq.read_table(part, schema=known.get(folder.name))
-                if "run_id" in table.schema.names:
-                    ids = pa.array([merged.run_id] * table.num_rows, pa.string())
-                    table = table.set_column(table.schema.get_field_index("run_id"), "run_id", ids)
-                (merged.path / folder.name).mkdir(exist_ok=True)
-                atomic_write_table(merged.path / folder.name / part.name, table)
     meta = dict(metas[0])
     meta.update(
         run_id=merged.run_id,
@@ -64,13 +53,33 @@ def merge_runs(sources: list[Path], out_root: Path, allow_different: bool = Fals
         shard=None,
         configurations=len(owner),
         config_ids=sorted(owner) if expected is None else expected,
-        status="complete" if not missing else "incomplete",
         missing=missing,
         plugins=sorted({p for m in metas for p in m.get("plugins", [])}),
     )
-    merged.write_meta(meta)
-    merged.consolidate(set(owner))
+    meta.pop("error", None)
+    with recording(merged, meta):
+        for run in runs:
+            _copy_parts(run, merged, owner)
+        merged.consolidate(set(owner))
+        if missing:
+            meta["status"] = "incomplete"
     return merged, missing
+
+
+def _copy_parts(run: RunDir, merged: RunDir, owner: dict[str, Path]) -> None:
+    """rows, loads, breakdown, and any other per-config table a command wrote (ep_ranks), with the
+    merged run's id; parts of no configuration of the sweep (strays, parts set aside) stay out."""
+    known = {"rows": ROW_SCHEMA, **TABLES}
+    for folder in sorted(p for p in run.path.iterdir() if p.is_dir() and any(p.glob("*.parquet"))):
+        for part in sorted(folder.glob("*.parquet")):
+            if part.stem not in owner:
+                continue
+            table = pq.read_table(part, schema=known.get(folder.name))
+            if "run_id" in table.schema.names:
+                ids = pa.array([merged.run_id] * table.num_rows, pa.string())
+                table = table.set_column(table.schema.get_field_index("run_id"), "run_id", ids)
+            (merged.path / folder.name).mkdir(exist_ok=True)
+            atomic_write_table(merged.path / folder.name / part.name, table)
 
 
 def _sweep_ids(metas: list[dict]) -> list[str] | None:
@@ -82,4 +91,7 @@ def _sweep_ids(metas: list[dict]) -> list[str] | None:
     for plugin in metas[0].get("plugin_paths", []):
         if Path(plugin).is_file():
             load_plugin(plugin)
-    return [p.config_id for p in expand(blocks, workload_names(), list_backends())]
+    try:
+        return [p.config_id for p in expand(blocks, workload_names(), list_backends())]
+    except (RoutingError, TypeError, KeyError, AttributeError) as exc:
+        raise RoutingError(f"merge: the runs' meta.json blocks cannot be expanded again ({exc})") from None

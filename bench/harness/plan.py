@@ -8,37 +8,12 @@ plus the expert weights, so the einsum mask at large T is refused before it is a
 
 from __future__ import annotations
 
-import os
-
-import torch
-
 from moe_routing_bench.bench.harness.sweep import Point
-from moe_routing_bench.bench.timing import element_size, resolve_device
+from moe_routing_bench.bench.timing import BUDGET_ENV, element_size, resolve_device, routing_bytes
 from moe_routing_bench.kernels.experts import ffn_width
 from moe_routing_bench.kernels.layer import get_backend
 from moe_routing_bench.routers.contract import RoutingError
 from moe_routing_bench.routers.registry import build_router
-
-BUDGET_ENV = "MOE_BENCH_MEMORY_BUDGET"
-
-
-def memory_budget_bytes(device: str) -> int:
-    """What one configuration may plan to allocate: 80% of GPU memory, or half the free RAM.
-    MOE_BENCH_MEMORY_BUDGET (bytes) overrides it."""
-    if os.environ.get(BUDGET_ENV):
-        try:
-            return int(float(os.environ[BUDGET_ENV]))
-        except ValueError:
-            raise RoutingError(f"{BUDGET_ENV} must be a number of bytes (got {os.environ[BUDGET_ENV]!r})") from None
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        return int(0.8 * torch.cuda.get_device_properties(dev).total_memory)
-    try:
-        with open("/proc/meminfo") as fh:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
-        return info.get("MemAvailable", 8 << 30) // 2
-    except OSError:
-        return 8 << 30
 
 
 def planned_bytes(point: Point) -> int:
@@ -56,7 +31,7 @@ def planned_bytes(point: Point) -> int:
     weights = matrices * point.hidden * ((point.experts + 1) * ffn + point.shared_ffn) * elt
     grads = weights if point.mode == "fwd+bwd" else 0
     hidden_states = 2 * point.tokens * point.hidden * elt  # the layer's input and output
-    return buffers + weights + grads + hidden_states
+    return buffers + weights + grads + hidden_states + routing_bytes(point.tokens, point.experts)
 
 
 def skip_reason(point: Point, budget: int) -> str | None:

@@ -29,16 +29,22 @@ def _measure_remote(point: Point, plugins: list[str]) -> tuple[dict[str, Any], d
     return measure_point(point)
 
 
+def require_ray() -> Any:
+    """The ray module, or RoutingError saying how to install it (checked before a run exists)."""
+    try:
+        import ray
+    except ImportError:
+        raise RoutingError(
+            "--executor ray needs Ray: pip install 'moe-routing-bench[ray]' (or pip install ray)"
+        ) from None
+    return ray
+
+
 class RayExecutor:
     """Same interface as ``worker.Supervisor``: ``results(points)`` and ``stop(kill)``."""
 
     def __init__(self, plugins: list[str], address: str | None = None, timeout: float | None = None) -> None:
-        try:
-            import ray
-        except ImportError:
-            raise RoutingError(
-                "--executor ray needs Ray: pip install 'moe-routing-bench[ray]' (or pip install ray)"
-            ) from None
+        ray = require_ray()
         self.ray = ray
         self.plugins = list(plugins)
         self.timeout = timeout

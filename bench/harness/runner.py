@@ -8,6 +8,7 @@ records; :func:`execute` runs what is left, one configuration at a time in a sup
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,12 +16,13 @@ from typing import Any
 
 import pandas as pd
 
-from moe_routing_bench.bench.harness.plan import memory_budget_bytes, select_shard, skip_reason
+from moe_routing_bench.bench.harness.plan import select_shard, skip_reason
 from moe_routing_bench.bench.harness.sweep import LIST_KEYS, SCALAR_KEYS, Point, expand
 from moe_routing_bench.bench.harness.worker import Supervisor
-from moe_routing_bench.bench.record import ROW_SCHEMA, RunDir, header, new_meta, read_parts, recording
+from moe_routing_bench.bench.record import RunDir, header, new_meta, read_parts, recording
+from moe_routing_bench.bench.schema import ROW_SCHEMA
 from moe_routing_bench.bench.spec import Notes, parse_capacity_factors, split_list
-from moe_routing_bench.bench.timing import resolve_device
+from moe_routing_bench.bench.timing import memory_budget_bytes, resolve_device
 from moe_routing_bench.kernels.layer import list_backends
 from moe_routing_bench.routers.contract import RoutingError
 from moe_routing_bench.routers.registry import loaded_plugins
@@ -64,11 +66,13 @@ def start_sweep(
     total = len(points)
     if shard is not None:
         points = select_shard(points, shard)
+    device = resolve_device(points[0].device)
+    memory_budget_bytes(points[0].device)  # a bad MOE_BENCH_MEMORY_BUDGET is refused before the run exists
     run = RunDir.create(out_dir)
     meta = new_meta(
         "sweep",
         run.run_id,
-        resolve_device(points[0].device),
+        device,
         config=config,
         blocks=blocks,
         plugin_paths=plugin_paths,
@@ -82,6 +86,22 @@ def start_sweep(
     return Sweep(run, meta, points)
 
 
+def check_timeout(timeout: float, flag: str = "--timeout") -> None:
+    """A time limit is a finite number of seconds > 0 (0, a negative or NaN would fail everything)."""
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise RoutingError(f"{flag} must be a finite number of seconds > 0 (got {timeout})")
+
+
+def check_executor(executor: str, ray_address: str | None) -> None:
+    """--ray-address means something only to the Ray executor, which needs Ray installed."""
+    if ray_address is not None and executor != "ray":
+        raise RoutingError(f"--ray-address needs --executor ray (got --executor {executor})")
+    if executor == "ray":
+        from moe_routing_bench.bench.harness.ray_executor import require_ray
+
+        require_ray()
+
+
 def open_sweep(path: Path, *, retry_errors: bool = False, notes: Notes | None = None) -> Sweep:
     """Reopen a sweep to finish it: the blocks, shard and plugins its meta records, nothing else.
 
@@ -90,16 +110,24 @@ def open_sweep(path: Path, *, retry_errors: bool = False, notes: Notes | None = 
     """
     run = RunDir.open(path)
     meta = run.read_meta()
-    if meta.get("kind", "sweep") != "sweep" or not isinstance(meta.get("blocks"), list):
+    if meta.get("kind", "sweep") != "sweep":
         raise RoutingError(f"--resume {path}: not a sweep run (kind {meta.get('kind')!r}); only sweeps resume")
+    if not isinstance(meta.get("blocks"), list) or not all(isinstance(b, dict) for b in meta["blocks"]):
+        raise RoutingError(f"--resume {path}: meta.json's blocks are damaged (not a list of sweep blocks)")
     for plugin in meta.get("plugin_paths", []):
         if not Path(plugin).is_file():
             raise RoutingError(f"--resume {path}: the run's plugin {plugin} is missing; put it back to resume")
         load_plugin(plugin)
-    points = expand(meta["blocks"], workload_names(), list_backends(), notes)
-    if meta.get("shard"):
-        points = select_shard(points, meta["shard"])
+    try:
+        points = expand(meta["blocks"], workload_names(), list_backends(), notes)
+        if meta.get("shard"):
+            points = select_shard(points, meta["shard"])
+    except (RoutingError, TypeError, KeyError, AttributeError) as exc:
+        what = f"{type(exc).__name__}: {exc}" if not isinstance(exc, RoutingError) else str(exc)
+        raise RoutingError(f"--resume {path}: meta.json's sweep cannot be expanded again ({what})") from None
     meta["config_ids"] = [p.config_id for p in points]
+    if points:
+        memory_budget_bytes(points[0].device)
     sweep = Sweep(run, meta, points)
     if retry_errors:
         rows = _read_rows(run, set(meta["config_ids"]))
@@ -133,8 +161,7 @@ def execute(
     times out is an error row, and the sweep goes on. Ctrl-C or SIGTERM stops it (finished rows
     stay, meta says interrupted); a failure of the harness itself (a full disk) marks it failed.
     """
-    if not timeout > 0 or timeout != timeout:
-        raise RoutingError(f"--timeout must be a number of seconds > 0 (got {timeout})")
+    check_timeout(timeout)
     run, meta = sweep.run, sweep.meta
     plugins = meta.get("plugin_paths", [])
     runner: Any
@@ -145,7 +172,7 @@ def execute(
     else:
         runner = Supervisor(plugins, timeout=timeout)
     budget = memory_budget_bytes(points[0].device) if points else 0
-    interrupted = False
+    interrupted = failed = False
     with recording(run, meta):
         try:
             runnable = []
@@ -169,9 +196,16 @@ def execute(
         except KeyboardInterrupt:
             interrupted = True
             raise
+        except BaseException:
+            failed = True
+            raise
         finally:
             runner.stop(kill=interrupted)
-            run.consolidate(set(meta["config_ids"]))
+            try:
+                run.consolidate(set(meta["config_ids"]))
+            except (OSError, RoutingError):
+                if not (failed or interrupted):  # else the first error is the one to report
+                    raise
 
 
 def summary_table(rows: pd.DataFrame) -> pd.DataFrame:

@@ -33,6 +33,8 @@ import tomllib
 from moe_routing_bench.bench.models import ModelPreset, get_model
 from moe_routing_bench.bench.record import config_id_of
 from moe_routing_bench.bench.spec import (
+    INT64_MAX,
+    SEED_MAX,
     Notes,
     Spec,
     parse_capacity_factors,
@@ -42,6 +44,7 @@ from moe_routing_bench.bench.spec import (
 from moe_routing_bench.bench.timing import DTYPES
 from moe_routing_bench.routers.contract import RoutingError
 from moe_routing_bench.routers.registry import build_router, get_router_class
+from moe_routing_bench.workloads.registry import build_workload, get_workload_class, workload_names
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 MODEL_ROUTER = "model"  # in a block with models: each model's own router
@@ -175,21 +178,21 @@ def find_config(name_or_path: str) -> Path:
 
 
 def load_blocks(path: Path | None, overrides: dict[str, Any]) -> list[dict[str, Any]]:
-    """Blocks of the sweep file (or one block of built-in defaults), with flags applied."""
+    """Blocks of the sweep file (or one block of built-in defaults), with flags applied. A file
+    that defines no sweep, or whose tables have the wrong shape, is refused naming it; workload
+    options that name files are made absolute (a run resumes from any directory)."""
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            raw = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise RoutingError(f"--config {path}: not valid TOML: {exc}") from None
-    unknown = set(raw) - {"defaults", "sweep", "description"}
-    if unknown:
-        raise RoutingError(f"--config {path}: unknown top-level keys {sorted(unknown)}; allowed: defaults, sweep")
-    defaults = {**BUILTIN_DEFAULTS, **raw.get("defaults", {})}
-    blocks = raw.get("sweep") or [{}]
+        raw = _read_toml(path)
+    defaults = raw.get("defaults", {})
+    blocks = raw.get("sweep", [{}])
+    if not isinstance(defaults, dict):
+        raise RoutingError(f"--config {path}: defaults must be a table ([defaults]), not {_shown(defaults)}")
+    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, dict) for b in blocks):
+        raise RoutingError(f"--config {path}: sweep must be one or more [[sweep]] tables, not {_shown(blocks)}")
     out = []
     for block in blocks:
-        merged = {**defaults, **block, **{k: v for k, v in overrides.items() if v is not None}}
+        merged = {**BUILTIN_DEFAULTS, **defaults, **block, **{k: v for k, v in overrides.items() if v is not None}}
         bad = set(merged) - set(LIST_KEYS) - set(SCALAR_KEYS)
         if bad:
             allowed = ", ".join(LIST_KEYS + SCALAR_KEYS)
@@ -197,8 +200,41 @@ def load_blocks(path: Path | None, overrides: dict[str, Any]) -> list[dict[str, 
         for key in LIST_KEYS:
             if not isinstance(merged[key], list):
                 merged[key] = [merged[key]]
+        merged["workloads"] = [_absolute_paths(w) for w in merged["workloads"]]
         out.append(merged)
     return out
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise RoutingError(f"--config {path}: not valid TOML: {exc}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RoutingError(f"--config {path}: cannot be read ({exc})") from None
+    unknown = set(raw) - {"defaults", "sweep", "description"}
+    if unknown:
+        raise RoutingError(f"--config {path}: unknown top-level keys {sorted(unknown)}; allowed: defaults, sweep")
+    if not raw.get("defaults") and "sweep" not in raw:
+        raise RoutingError(f"--config {path}: the file defines no sweep (give a [defaults] table or [[sweep]] blocks)")
+    return raw
+
+
+def _shown(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def _absolute_paths(entry: Any) -> Any:
+    """A workload entry whose file options (``path_fields``: a trace's path) are absolute."""
+    spec = spec_from_entry(entry, "workloads")
+    if spec.name not in workload_names():
+        return entry  # refused by expand, naming the valid workloads
+    fields = get_workload_class(spec.name).config_cls.path_fields
+    rel = {f: v for f, v in spec.opts.items() if f in fields and isinstance(v, str) and v and not Path(v).is_absolute()}
+    if not rel:
+        return entry
+    opts = {**spec.opts, **{f: str(Path(v).resolve()) for f, v in rel.items()}}
+    return {"name": spec.name, "opts": opts, "label": spec.label}
 
 
 def _check_block(block: dict[str, Any], workload_names: list[str], backend_names: list[str]) -> None:
@@ -213,10 +249,20 @@ def _check_block(block: dict[str, Any], workload_names: list[str], backend_names
                 raise RoutingError(f"{flag} must be one of {', '.join(allowed)} (got {v!r})")
     for key in ("tokens", "experts", "hidden", "top_k"):
         for v in block[key]:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise RoutingError(f"--{key.replace('_', '-')} values must be integers >= 1 (got {v!r})")
-    if not isinstance(block["repeats"], int) or block["repeats"] < 1:
-        raise RoutingError(f"--repeats must be an integer >= 1 (got {block['repeats']!r})")
+            _check_int(f"--{key.replace('_', '-')}", v, 1)
+    _check_int("--repeats", block["repeats"], 1)
+    _check_int("warmup", block["warmup"], 0)
+    _check_int("--seed", block["seed"], 0, SEED_MAX)
+    ratio = block["ffn_ratio"]
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (math.isfinite(ratio) and ratio > 0):
+        raise RoutingError(f"ffn_ratio must be a number > 0 (got {ratio!r})")
+    if block["device"] not in ("auto", "cpu", "cuda"):
+        raise RoutingError(f"--device must be one of auto, cpu, cuda (got {block['device']!r})")
+
+
+def _check_int(what: str, v: Any, low: int, high: int = INT64_MAX) -> None:
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+        raise RoutingError(f"{what} must be an integer between {low} and {high} (got {v!r})")
 
 
 def expand(
@@ -225,9 +271,10 @@ def expand(
     backend_names: list[str],
     notes: Notes | None = None,
 ) -> list[Point]:
-    """Every configuration point, validated: unknown names and options are refused before any
-    work starts; what a router ignores or cannot take is said once through ``notes``."""
-    notes = notes if notes is not None else Notes()
+    """Every configuration point, validated: unknown names and options (a workload's too: a trace's
+    metadata is read) are refused before any work starts; what a router ignores or cannot take is
+    said once through ``notes``, once the whole sweep is known to be accepted."""
+    pending = Notes()  # said only if the sweep is not refused: the refusal says it all
     points: list[Point] = []
     seen: set[str] = set()
     for block in blocks:
@@ -244,16 +291,20 @@ def expand(
         for spec in workloads:
             if spec.name not in workload_names:
                 raise RoutingError(f"unknown workload {spec.name!r}; valid workloads: {', '.join(workload_names)}")
+            build_workload(spec.name, spec.opts, block["seed"])  # its options (and a trace's metadata)
         cfs = parse_capacity_factors(block["capacity_factor"])
         ks: list[int | None] = list(block["top_k"]) or [None]
         taken: set[tuple[str, Any]] = set()
+        why: dict[tuple[str, Any], str] = {}
         for shape, rspec0, wspec in itertools.product(_shapes(block, models), routers, workloads):
             rspec = shape.model.router_spec if rspec0.name == MODEL_ROUTER and shape.model else rspec0
             e = shape.experts
             build_router(rspec.name, **router_options(rspec, experts=e, seed=block["seed"]))  # its own options
             for cf, k in itertools.product(cfs, ks):
-                opts = _applied(rspec, e, block["seed"], k, cf, notes)
-                if opts is None:
+                opts = _applied(rspec, e, block["seed"], k, cf, pending)
+                if isinstance(opts, str):
+                    why.setdefault(("top_k", k), opts)
+                    why.setdefault(("capacity_factor", cf), opts)
                     continue
                 taken.update({("capacity_factor", cf), ("top_k", k)})
                 router = build_router(rspec.name, **opts)
@@ -270,27 +321,30 @@ def expand(
                     if p.config_id not in seen:
                         seen.add(p.config_id)
                         points.append(dataclasses.replace(p, index=len(points)))
-        for key, values in (("capacity_factor", cfs), ("top_k", [k for k in ks if k is not None])):
+        for key, values in (("top_k", [k for k in ks if k is not None]), ("capacity_factor", cfs)):
             for v in values:
                 if (key, v) not in taken:
                     names = ", ".join(s.label for s in routers)
                     shown = "none" if v is None else v
-                    raise RoutingError(f"no router of the sweep ({names}) can take {key} = {shown}")
+                    reason = f" ({why[(key, v)]})" if (key, v) in why else ""
+                    raise RoutingError(f"no router of the sweep ({names}) can take {key} = {shown}{reason}")
     if not points:
         raise RoutingError("the sweep has no configurations")
+    for message in pending.said:
+        (notes or Notes()).once(message)
     return points
 
 
-def _applied(spec: Spec, experts: int, seed: int, k: int | None, cf: Any, notes: Notes) -> dict | None:
-    """The router's options with the shared K and capacity factor applied, or None (said once)
-    when the router cannot take this combination (a K above its limit, dropless expert choice)."""
+def _applied(spec: Spec, experts: int, seed: int, k: int | None, cf: Any, notes: Notes) -> dict | str:
+    """The router's options with the shared K and capacity factor applied, or why the router
+    cannot take this combination (a K above its limit, dropless expert choice; said once)."""
     opts = router_options(spec, experts=experts, seed=seed, top_k=k, capacity_factor=cf, notes=notes)
     try:
         build_router(spec.name, **opts)
     except RoutingError as exc:
         what = ", ".join(f"{n}={v}" for n, v in (("top_k", k), ("capacity_factor", cf)) if v is not None)
         notes.once(f"{spec.label} cannot take {what} at E={experts}, skipped: {exc}")
-        return None
+        return str(exc)
     return opts
 
 

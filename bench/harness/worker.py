@@ -1,13 +1,17 @@
-"""A supervised worker process: configurations run one at a time in a child process, so an
-exception, a hard crash or an out-of-memory kill in one becomes an error row and the sweep goes on.
+"""A supervised worker process: jobs run one at a time in a child process, so an exception, a hard
+crash or an out-of-memory kill in one becomes an error result and the run goes on.
 
 The child is started with the ``spawn`` method (no inherited CUDA or thread state), loads the
-run's plugins, ignores Ctrl-C (the parent decides), and is restarted after a crash.
+run's plugins, ignores Ctrl-C (the parent decides), and is restarted after a crash. What it runs
+is named, ``"module:function"``: a sweep measures configurations (``measure.measure_point``, the
+default), ``moe-bench quality`` trains one router per job. The parent alone writes the run
+directory, from the results it receives.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import multiprocessing as mp
 import os
 import signal
@@ -15,6 +19,9 @@ import traceback
 from typing import Any
 
 from moe_routing_bench.bench.harness.sweep import Point
+from moe_routing_bench.routers.contract import RoutingError
+
+MEASURE = "moe_routing_bench.bench.harness.measure:measure_point"
 
 _SIGNAL_HINTS = {
     signal.SIGKILL: "SIGKILL: killed, e.g. by the out-of-memory killer",
@@ -24,35 +31,45 @@ _SIGNAL_HINTS = {
 }
 
 
-def _child(conn, plugins: list[str]) -> None:
+def error_text(exc: BaseException) -> str:
+    """``Type: message``; with the traceback's last frames unless it is bad input (a RoutingError,
+    a broken plan), whose message already says what is wrong."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, RoutingError):
+        return text
+    return f"{text}\n{traceback.format_exc(limit=6)}"
+
+
+def _child(conn, plugins: list[str], job: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from moe_routing_bench.routers.registry import load_plugin
 
     for path in plugins:
         load_plugin(path)
-    from moe_routing_bench.bench.harness.measure import measure_point
-
+    module, _, name = job.partition(":")
+    fn = getattr(importlib.import_module(module), name)
     while True:
         try:
-            point = conn.recv()
+            payload = conn.recv()
         except EOFError:
             return
-        if point is None:
+        if payload is None:
             return
         try:
-            row, tables = measure_point(point)
-            conn.send(("ok", row, tables, ""))
+            result = fn(payload)
         except BaseException as exc:
-            tb = traceback.format_exc(limit=6)
-            conn.send(("error", {}, {}, f"{type(exc).__name__}: {exc}\n{tb}"))
+            conn.send(("error", None, error_text(exc)))
+        else:
+            conn.send(("ok", result, ""))
 
 
 class Supervisor:
-    """Runs points in a child process; restarts it after a crash or a time-out."""
+    """Runs jobs in a child process; restarts it after a crash or a time-out."""
 
-    def __init__(self, plugins: list[str], timeout: float | None = None) -> None:
+    def __init__(self, plugins: list[str], timeout: float | None = None, job: str = MEASURE) -> None:
         self.plugins = list(plugins)
         self.timeout = timeout
+        self.job = job
         self._ctx = mp.get_context("spawn")
         self._proc: Any = None
         self._conn: Any = None
@@ -62,20 +79,21 @@ class Supervisor:
         # the sampled RSS peak of one configuration is not hidden by memory a previous one freed.
         os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
         parent, child = self._ctx.Pipe()
-        self._proc = self._ctx.Process(target=_child, args=(child, self.plugins), daemon=True)
+        self._proc = self._ctx.Process(target=_child, args=(child, self.plugins, self.job), daemon=True)
         self._proc.start()
         child.close()
         self._conn = parent
 
-    def run(self, point: Point) -> tuple[str, dict[str, Any], dict[str, list[dict[str, Any]]], str]:
-        """(status, row fields, per-config tables, error text) for one point."""
+    def call(self, payload: Any) -> tuple[str, Any, str]:
+        """(status, result, error text) of one job: ``ok`` with the job's return value, or ``error``
+        (it raised, the worker died, or it timed out) with None."""
         if self._proc is None or not self._proc.is_alive():
             self._start()
         try:
-            self._conn.send(point)
+            self._conn.send(payload)
             if not self._conn.poll(self.timeout):
                 self.stop(kill=True)
-                return "error", {}, {}, f"timed out after {self.timeout:.0f} s (worker killed and restarted)"
+                return "error", None, f"timed out after {self.timeout:g} s (worker killed and restarted)"
             return self._conn.recv()
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
             self._proc.join(timeout=5)
@@ -84,8 +102,14 @@ class Supervisor:
             if code is not None and code < 0:
                 sig = signal.Signals(-code)
                 why = _SIGNAL_HINTS.get(sig, sig.name)
-                return "error", {}, {}, f"worker process died by signal {-code} ({why})"
-            return "error", {}, {}, f"worker process exited with status {code} during the configuration"
+                return "error", None, f"worker process died by signal {-code} ({why})"
+            return "error", None, f"worker process exited with status {code} during the job"
+
+    def run(self, point: Point) -> tuple[str, dict[str, Any], dict[str, list[dict[str, Any]]], str]:
+        """(status, row fields, per-config tables, error text) for one sweep point."""
+        status, result, err = self.call(point)
+        row, tables = result if result is not None else ({}, {})
+        return status, row, tables, err
 
     def results(self, points: list[Point]):
         """Run points one after another; yields (point, status, row fields, tables, error)."""
@@ -105,3 +129,9 @@ class Supervisor:
             self._proc.kill()
             self._proc.join()
         self._proc = None
+
+    def __enter__(self) -> Supervisor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(kill=exc[0] is not None)

@@ -19,11 +19,11 @@ import time
 import torch
 
 from moe_routing_bench.bench.harness.measure import measure_point
-from moe_routing_bench.bench.harness.plan import memory_budget_bytes, skip_reason
+from moe_routing_bench.bench.harness.plan import skip_reason
 from moe_routing_bench.bench.harness.sweep import expand, load_blocks
 from moe_routing_bench.bench.microbench import peers
 from moe_routing_bench.bench.models import PRESETS
-from moe_routing_bench.bench.timing import time_alternating
+from moe_routing_bench.bench.timing import memory_budget_bytes, time_alternating
 from moe_routing_bench.kernels.layer import list_backends
 from moe_routing_bench.workloads.registry import workload_names
 

@@ -28,6 +28,7 @@ from moe_routing_bench.bench.timing import time_alternating
 from moe_routing_bench.kernels.positions import positions
 from moe_routing_bench.routers.contract import Batch
 from moe_routing_bench.routers.registry import build_router
+from moe_routing_bench.routers.validate import validate_plan
 
 DEFAULT_ROUTERS = (
     "topk,topk[capacity_factor=1.25],topk[capacity_factor=1.25,drop_policy=random],topk[bias_update_rate=0.001],"
@@ -93,6 +94,7 @@ def route_cost(
                 router.update(plan)  # as route does after every batch (a stateful router's bias)
                 return out
 
+            validate_plan(router, b, router.route(b), spec.label)  # once, untimed: a broken plan is no figure
             times = time_alternating({"base": base_step, "router": step}, "cpu", repeats)
             out.append(Cost(spec.label, t, statistics.median(times["router"]), statistics.median(times["base"])))
     return out

@@ -37,6 +37,7 @@ from torch import nn
 from moe_routing_bench.bench.moe_layer import SHARED_WEIGHT, layer_forward
 from moe_routing_bench.kernels.experts import ExpertFFN
 from moe_routing_bench.routers.contract import Batch, Plan, Router, RoutingError
+from moe_routing_bench.routers.validate import validate_plan
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,8 @@ class MoEFFN(nn.Module):
     ) -> tuple[torch.Tensor, Plan, torch.Tensor]:
         """h_TD [T, D] -> (out_TD [T, D], the plan, logits_TE [T, columns] float32)."""
         logits_TE = self.gate(h_TD).float()
-        plan = self.router.route(Batch(logits_TE, token_T, seq_T, hidden_TD=h_TD))
+        batch = Batch(logits_TE, token_T, seq_T, hidden_TD=h_TD)
+        plan = validate_plan(self.router, batch, self.router.route(batch))
         out_TD = layer_forward(plan, h_TD, self.experts, backend=self.backend, shared_ffn=self.shared)
         return out_TD, plan, logits_TE
 

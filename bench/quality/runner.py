@@ -20,6 +20,7 @@ import datetime as _dt
 import json
 import math
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from moe_routing_bench.bench.harness.worker import Supervisor
 from moe_routing_bench.bench.metrics import METRICS, aggregate
 from moe_routing_bench.bench.quality.lm import TinyMoELM, count_params
 from moe_routing_bench.bench.quality.train import (
@@ -38,20 +40,23 @@ from moe_routing_bench.bench.quality.train import (
     QualityData,
     TrainResult,
     build_data,
+    check_routers,
     evaluate,
+    model_bytes,
     train,
 )
 from moe_routing_bench.bench.record import (
-    HEADER,
     RunDir,
     atomic_write_table,
     config_id_of,
     header,
     new_meta,
-    new_run_id,
     recording,
 )
+from moe_routing_bench.bench.schema import HEADER
 from moe_routing_bench.bench.spec import Spec
+from moe_routing_bench.bench.timing import check_fits, device_name
+from moe_routing_bench.routers.registry import loaded_plugins
 
 _ROUTER = [("router", pa.string()), ("router_name", pa.string())]
 STEP_SCHEMA = pa.schema(
@@ -229,10 +234,21 @@ def run_quality(
     run_id: str | None = None,
     plugins: list[str] | None = None,
 ) -> tuple[Path, list[dict[str, Any]]]:
-    """Train and evaluate every router in ``specs``; returns (run directory, summary rows)."""
+    """Train and evaluate every router in ``specs``; returns (run directory, summary rows).
+
+    Each router trains in a supervised worker process (``harness.worker``), as a sweep measures
+    its configurations: one that raises, crashes (a segfaulting plugin) or is killed becomes an
+    error row and the run goes on. A K or capacity factor no router can take, and a model that
+    cannot fit the memory budget, are refused before the run directory exists."""
+    check_fits(model_bytes(cfg), f"--vocab {cfg.vocab} x --width {cfg.width} (the model and its optimiser)", device)
+    check_routers(specs, cfg)
+    echo(
+        f"quality: {len(specs)} routers x {cfg.steps} steps; L={cfg.layers} D={cfg.width} H={cfg.heads} "
+        f"E={cfg.experts} V={cfg.vocab} S={cfg.seq_len} B={cfg.batch_seqs} (T={cfg.batch_seqs * cfg.seq_len}) "
+        f"on {device_name(device)}"
+    )
     data = build_data(cfg)
-    run = RunDir(Path(out_root) / (run_id or new_run_id()))
-    (run.path / "parts").mkdir(parents=True, exist_ok=False)
+    run = RunDir.create(Path(out_root), run_id, folders=("parts",))
     meta = new_meta(
         "quality",
         run.run_id,
@@ -240,41 +256,72 @@ def run_quality(
         config=dataclasses.asdict(cfg),
         routers=[{"name": s.name, "opts": s.opts, "label": s.label} for s in specs],
         data=data.info,
-        plugins=plugins or [],
+        plugin_paths=plugins or [],
+        plugins=loaded_plugins(),
     )
     config_json = json.dumps(dataclasses.asdict(cfg), sort_keys=True)
     summaries: list[dict[str, Any]] = []
-    with recording(run, meta):
+    with recording(run, meta), Supervisor(plugins or [], job=TRAIN_JOB) as worker:
         for i, spec in enumerate(specs):
-            summaries.append(_one_router(run, meta, i, spec, cfg, config_json, data, device, trace, len(specs), echo))
+            job = TrainJob(spec, cfg, data, device, trace, len(specs) > 1, torch.get_num_threads())
+            summaries.append(_one_router(run, meta, i, job, config_json, worker, echo))
     return run.path, summaries
 
 
-def _one_router(run, meta, i, spec, cfg, config_json, data, device, trace, n_specs, echo) -> dict[str, Any]:
-    """Train, evaluate and record one router; a failure is its error row, not the end of the run."""
+@dataclasses.dataclass
+class TrainJob:
+    """What the worker needs to train one router (sent to it; the data travels once per router)."""
+
+    spec: Spec
+    cfg: QualityConfig
+    data: QualityData
+    device: torch.device
+    trace: Path | None
+    many: bool  # several routers: trace files get the router's name
+    threads: int
+
+
+def train_router(job: TrainJob) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The worker's job: train, evaluate (and save the trace of) one router; returns its summary
+    fields and its per-step rows. Progress goes to stderr."""
+    if job.device.type == "cpu":
+        torch.set_num_threads(job.threads)
+    spec, cfg, data, device = job.spec, job.cfg, job.data, job.device
+    tr = train(spec, cfg, data, device, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    same = evaluate(tr.model, data.heldout, cfg.batch_seqs, device, keep_logits=job.trace is not None)
+    other = evaluate(tr.model, data.other, cfg.batch_seqs, device)
+    row = summarize(spec, cfg, tr, same, other)
+    if job.trace is not None and same.logits_by_layer is not None:
+        path = trace_path_for(Path(job.trace), spec.label, job.many)
+        save_trace(path, tr.model, data, same.logits_by_layer, spec, cfg, tr.top_k)
+        row["trace_path"] = str(path)
+    return row, tr.steps
+
+
+TRAIN_JOB = f"{__name__}:train_router"
+
+
+def _one_router(run, meta, i, job: TrainJob, config_json, worker: Supervisor, echo) -> dict[str, Any]:
+    """Train one router in the worker and record it; a failure is its error row, not the end of the run."""
+    spec, cfg = job.spec, job.cfg
     cid = config_id_of(spec.label + config_json)
     ids = {**header(meta, cid, cfg.seed, config_json), "router": spec.label, "router_name": spec.name}
     stem = run.path / "parts" / trace_path_for(Path(f"{i:03d}.parquet"), spec.label, True).stem
+    status, result, err = worker.call(job)
     steps: list[dict[str, Any]] = []
-    try:
-        tr = train(spec, cfg, data, device, progress=echo)
-        same = evaluate(tr.model, data.heldout, cfg.batch_seqs, device, keep_logits=trace is not None)
-        other = evaluate(tr.model, data.other, cfg.batch_seqs, device)
-        row = {**ids, **summarize(spec, cfg, tr, same, other)}
-        if trace is not None and same.logits_by_layer is not None:
-            path = trace_path_for(Path(trace), spec.label, n_specs > 1)
-            save_trace(path, tr.model, data, same.logits_by_layer, spec, cfg, tr.top_k)
-            row["trace_path"] = str(path)
+    if status == "ok":
+        fields, step_rows = result
+        row = {**ids, **fields}
         steps = [
             {"run_id": run.run_id, "config_id": cid, "router": spec.label, "router_name": spec.name, **r}
-            for r in tr.steps
+            for r in step_rows
         ]
         echo(
-            f"{spec.label}: held-out loss {same.loss:.3f} ({cfg.lang}), {other.loss:.3f} "
+            f"{spec.label}: held-out loss {row['heldout_loss']:.3f} ({cfg.lang}), {row['other_loss']:.3f} "
             f"({cfg.eval_lang}); {row['train_tokens_per_s']:.0f} train tokens/s"
         )
-    except Exception as exc:  # one router's failure is a row, not the end of the run
-        row = {**ids, "status": "error", "error": f"{type(exc).__name__}: {exc}"}
+    else:
+        row = {**ids, "status": "error", "error": err.splitlines()[0] if err else ""}
         row["router_options"] = json.dumps(spec.opts, sort_keys=True)
         echo(f"{spec.label}: error: {row['error']}")
     if steps:

@@ -39,7 +39,8 @@ from moe_routing_bench.bench.quality.lm import GateShape, LMConfig, TinyMoELM, a
 from moe_routing_bench.bench.routing import wants_fit
 from moe_routing_bench.bench.spec import DEFAULT, CapacityFactor, Notes, Spec, parse_specs, router_options
 from moe_routing_bench.bench.timing import stopwatch
-from moe_routing_bench.routers.contract import Batch, Router
+from moe_routing_bench.kernels.experts import ffn_width
+from moe_routing_bench.routers.contract import Batch, Router, RoutingError
 from moe_routing_bench.routers.registry import build_router, get_router_class, router_names
 
 # ``all`` runs every registered router; these also run the named variants (when registered),
@@ -228,6 +229,28 @@ def build_layer_routers(spec: Spec, cfg: QualityConfig) -> tuple[Callable[[int],
     build_router(spec.name, **opts)  # a bad option is refused now, with its reason
     own = {k: v for k, v in opts.items() if k != "seed"}
     return (lambda layer: build_router(spec.name, **own, seed=cfg.seed + layer)), notes.said
+
+
+def check_routers(specs: list[Spec], cfg: QualityConfig) -> None:
+    """Refuse a K or capacity factor that no router of ``specs`` can take (one that only some cannot
+    take makes their error rows); unknown names and options are refused as they are built."""
+    errors = []
+    for spec in specs:
+        try:
+            build_layer_routers(spec, cfg)
+        except RoutingError as exc:
+            errors.append(f"{spec.label}: {exc}")
+    if errors and len(errors) == len(specs):
+        raise RoutingError(f"no router of --routers can run with these options ({'; '.join(errors)})")
+
+
+def model_bytes(cfg: QualityConfig) -> int:
+    """The least the model needs in float32: its parameters (the embedding, tied to the output, the
+    attention and the experts), each with a gradient and AdamW's two moments, and one step's output
+    logits with their gradient."""
+    d, f, e = cfg.width, ffn_width(cfg.width, cfg.lm_config().ffn_ratio), cfg.experts
+    params = cfg.vocab * d + cfg.seq_len * d + cfg.layers * (4 * d * d + d * (e + 1) + 3 * e * d * f)
+    return 16 * params + 8 * cfg.batch_seqs * cfg.seq_len * cfg.vocab
 
 
 def build_model(

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from moe_routing_bench.bench.metrics import METRICS
-from moe_routing_bench.bench.record import KINDS, STAGES, RunDir
+from moe_routing_bench.bench.record import KINDS, RunDir
 from moe_routing_bench.bench.report import figures_convergence as S
 from moe_routing_bench.bench.report import figures_cost as C
 from moe_routing_bench.bench.report import figures_ep as EP
@@ -30,6 +30,7 @@ from moe_routing_bench.bench.report import html as H
 from moe_routing_bench.bench.report import style as F
 from moe_routing_bench.bench.report.data import CONFIG_LABELS, WHOLE_BATCH_MARK, ReportData, check_run_dir, load_runs
 from moe_routing_bench.bench.report.kinds import build_kind_report
+from moe_routing_bench.bench.schema import STAGES
 
 FIGURES: list[Callable[[ReportData], F.FigureOut | F.LeftOut]] = [
     C.throughput,

@@ -26,8 +26,9 @@ from typing import Any
 import pandas as pd
 
 from moe_routing_bench.bench.metrics import HIGHER_IS_BETTER, LOWER_IS_BETTER, METRICS
-from moe_routing_bench.bench.record import STAGES, load_run
+from moe_routing_bench.bench.record import load_run
 from moe_routing_bench.bench.report.data import CONFIG_LABELS, check_run_dir
+from moe_routing_bench.bench.schema import STAGES
 
 HIGHER_BETTER = frozenset({"tokens_per_s"}) | HIGHER_IS_BETTER
 LOWER_BETTER = frozenset({f"time_{s}_median" for s in STAGES} | {"peak_mem_bytes"}) | LOWER_IS_BETTER

@@ -12,7 +12,6 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import EngFormatter, FuncFormatter
 
-from moe_routing_bench.bench.record import STAGES
 from moe_routing_bench.bench.report.data import ReportData, tokens_per_s_band
 from moe_routing_bench.bench.report.style import (
     DPI,
@@ -35,6 +34,7 @@ from moe_routing_bench.bench.report.style import (
     titled,
     tokens_formatter,
 )
+from moe_routing_bench.bench.schema import STAGES
 
 
 def throughput(data: ReportData) -> FigureOut | LeftOut:

@@ -173,13 +173,15 @@ def route_plans(
     experts: int,
     num_plans: int,
     seed: int,
+    label: str | None = None,
 ) -> Plans:
     """Route ``num_plans`` batches of ``tokens`` tokens on CPU (a separate slice fits routers that
-    learn); router_opts are build_router's options besides num_experts and seed."""
+    learn); router_opts are build_router's options besides num_experts and seed. Every plan passes
+    ``validate_plan`` (errors name the router as ``label``)."""
     r = build_router(router, **{"num_experts": experts, "seed": seed, **router_opts})
     wl = build_workload(workload, workload_opts, seed)
     fit = wl.fit_sample(tokens, experts, "cpu") if wants_fit(r) else None
-    res = route_batches(r, wl.batches(tokens, experts, num_plans, "cpu"), "cpu", fit)
+    res = route_batches(r, wl.batches(tokens, experts, num_plans, "cpu"), "cpu", fit, label=label)
     kept = torch.stack([ld.kept_E for ld in res.loads]).to(torch.int64)
     return Plans(kept, tokens, res.capacity, float(res.top_k), res.summary["tokens_dropped_frac"][0])
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from moe_routing_bench.bench.placement import check_spec
-from moe_routing_bench.bench.record import HEADER, RunDir, atomic_write_table, config_id_of, header, new_meta, recording
+from moe_routing_bench.bench.record import (
+    RunDir,
+    atomic_write_table,
+    check_out_dir,
+    config_id_of,
+    header,
+    new_meta,
+    recording,
+)
+from moe_routing_bench.bench.schema import HEADER
 from moe_routing_bench.bench.sim.model import Hardware, ep_group_size, route_plans, simulate_step
 from moe_routing_bench.bench.spec import DEFAULT, CapacityFactor, Notes, Spec, router_options
+from moe_routing_bench.bench.timing import check_fits, routing_bytes
 from moe_routing_bench.kernels.experts import ffn_width
 from moe_routing_bench.routers.contract import RoutingError
 from moe_routing_bench.routers.registry import build_router
@@ -105,7 +116,10 @@ class SimSweep:
         for p in self.placements:
             check_spec(p)
         for g in self.devices:
-            ep_group_size(g, self.experts, self.ep_size)
+            s = ep_group_size(g, self.experts, self.ep_size)
+            # Plans' logits, kept rows per device and expert, and the traffic pairs inside groups.
+            need = routing_bytes(self.tokens, self.experts) + 16 * g * self.experts + 32 * g * s
+            check_fits(need, f"--devices {g} x --experts {self.experts} (--tokens {self.tokens} per plan)", "cpu")
         for w in self.workloads:
             build_workload(w.name, w.opts, self.seed)
 
@@ -132,7 +146,15 @@ def simulate_rows(sweep: SimSweep, notes: Notes | None = None) -> list[dict[str,
         for wl in sweep.workloads:
             n_plans = min(sweep.plans, max(sweep.devices))
             plans = route_plans(
-                spec.name, options[spec.label], wl.name, wl.opts, sweep.tokens, sweep.experts, n_plans, sweep.seed
+                spec.name,
+                options[spec.label],
+                wl.name,
+                wl.opts,
+                sweep.tokens,
+                sweep.experts,
+                n_plans,
+                sweep.seed,
+                spec.label,
             )
             cf = build_router(spec.name, num_experts=sweep.experts, **options[spec.label]).config.capacity_factor
             for g in sweep.devices:
@@ -186,6 +208,21 @@ def simulate_rows(sweep: SimSweep, notes: Notes | None = None) -> list[dict[str,
                         }
                     )
     return rows
+
+
+def simulate_run(
+    sweep: SimSweep, out_dir: Path | None, notes: Notes | None = None, **fields: Any
+) -> tuple[list[dict[str, Any]], RunDir | None, float]:
+    """``moe-bench simulate``: (rows, the run directory or None when ``out_dir`` is None, seconds).
+    --out is checked before anything is routed; the run directory is written once the rows exist
+    (a failed write makes it ``failed``)."""
+    if out_dir is not None:
+        check_out_dir(out_dir)
+    t0 = time.perf_counter()
+    rows = simulate_rows(sweep, notes)
+    seconds = time.perf_counter() - t0
+    run = None if out_dir is None else write_sim_run(out_dir, sweep, rows, seconds=seconds, **fields)
+    return rows, run, seconds
 
 
 def write_sim_run(out_dir: Path, sweep: SimSweep, rows: list[dict[str, Any]], **fields: Any) -> RunDir:

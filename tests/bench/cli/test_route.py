@@ -171,7 +171,7 @@ def test_target_drop_finds_the_smallest_capacity():
         (["--router", "nope"], "unknown router 'nope'; valid routers: "),
         (["--router", "topk", "-K", "9", "-E", "8"], "top_k must be between 1 and num_experts = 8"),
         (["--router", "topk", "-K", "0"], "top_k must be an integer >= 1"),
-        (["--router", "topk", "-E", "0"], "num_experts must be an integer >= 1"),
+        (["--router", "topk", "-E", "0"], "--experts must be >= 1 (got 0)"),
         (["--router", "topk", "-T", "0"], "--tokens must be >= 1"),
         (["--router", "topk", "--capacity-factor", "0"], "--capacity-factor must be a number > 0"),
         (["--router", "topk", "--capacity-factor", "-1.5"], "--capacity-factor must be a number > 0"),
@@ -235,6 +235,11 @@ def test_route_with_a_model_preset_routes_as_that_model():
     assert (cfg["router"], cfg["num_experts"], cfg["top_k"]) == ("deepseek-v3", 256, 8)
     assert (cfg["form"], cfg["num_groups"], cfg["topk_group"], cfg["score_func"]) == ("groups", 8, 4, "sigmoid")
     assert cfg["norm_topk_prob"] is True
+    # The table says what the label stands for.
+    res = CliRunner().invoke(main, ["route", "--model", "deepseek-v3", "-T", "512", "-B", "1"], catch_exceptions=False)
+    form = res.output.splitlines()[1]
+    for part in ("router hierarchical:", "form=groups", "score_func=sigmoid", "num_groups=8", "topk_group=4"):
+        assert part in form, form
     # Another router at the model's shape: E comes from the model; a different -E is refused.
     res = CliRunner().invoke(main, ["route", "--model", "mixtral-8x7b", "--router", "switch", "-T", "256", "-B", "1",
                                     "--format", "json"])  # fmt: skip

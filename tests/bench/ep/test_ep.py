@@ -271,3 +271,14 @@ def test_report_draws_an_ep_run_with_its_per_rank_figure(ep_run, tmp_path):
     assert (tmp_path / "report" / "ep_ranks.png").stat().st_size > 10_000
     assert (tmp_path / "report" / "throughput.png").is_file()
     assert "Expert parallelism: work and time per rank" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_ep_broken_plan_is_an_error_row_and_the_next_configuration_runs(broken_plugin, tmp_path):
+    # capacity -3 failed the whole launch before; every rank now checks its plans and they agree
+    sizes = ["--tokens", "32", "--experts", "4", "--hidden", "8", "--repeats", "1", "--out", str(tmp_path / "o")]
+    res = _cli("ep", "--plugin", str(broken_plugin), "--router", "broken[how=capacity],switch", *sizes)
+    assert res.exit_code == 1 and "1 of 2 configurations failed" in res.stderr, res.output
+    rows, _, meta = load_run(next((tmp_path / "o").iterdir()))
+    by = rows.set_index("router")
+    assert "capacity = -3" in by.loc["broken[how=capacity]", "error"] and by.loc["switch", "status"] == "ok"
+    assert meta["status"] == "complete"

@@ -10,7 +10,7 @@ import torch
 
 from moe_routing_bench.bench.harness import measure
 from moe_routing_bench.bench.harness.sweep import expand, load_blocks
-from moe_routing_bench.bench.record import STAGES, TIMED_STAGES
+from moe_routing_bench.bench.schema import STAGES, TIMED_STAGES
 from moe_routing_bench.bench.timing import CpuHeap
 from moe_routing_bench.kernels import dispatch as dispatch_module
 from moe_routing_bench.kernels import positions as positions_module

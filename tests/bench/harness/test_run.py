@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 
 from moe_routing_bench.bench.metrics import METRICS
-from moe_routing_bench.bench.record import ROW_SCHEMA, load_run
+from moe_routing_bench.bench.record import load_run
+from moe_routing_bench.bench.schema import ROW_SCHEMA
 
 REPO = Path(__file__).resolve().parents[3]
 

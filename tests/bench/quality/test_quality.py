@@ -142,8 +142,13 @@ def test_a_router_that_cannot_run_becomes_an_error_row(data, tmp_path):
     from moe_routing_bench.bench.quality.runner import run_quality
 
     cfg = QualityConfig(**TINY, steps=2, capacity_factor=None)  # expert choice has no dropless form
-    _, rows = run_quality(cfg, parse_router_specs("expert_choice"), tmp_path, CPU)
+    _, rows = run_quality(cfg, parse_router_specs("expert_choice,switch"), tmp_path, CPU)
     assert rows[0]["status"] == "error" and "capacity_factor" in rows[0]["error"]
+    assert rows[1]["status"] == "ok"  # the run goes on
+    # A value no router of the selection can take is refused before any run directory exists.
+    with pytest.raises(RoutingError, match="no router of --routers can run"):
+        run_quality(cfg, parse_router_specs("expert_choice"), tmp_path / "none", CPU)
+    assert not (tmp_path / "none").exists()
 
 
 @pytest.fixture(scope="module")
@@ -255,3 +260,22 @@ def test_training_updates_each_layers_router_after_every_step(data, update_calls
     assert [sum(rid == id(r) for rid, _ in update_calls) for r in routers] == [5, 5]
     assert all(float(r.expert_bias.abs().sum()) > 0 for r in routers)
     assert "topk[bias]" in [s.label for s in parse_router_specs("all")]
+
+
+def test_each_router_trains_in_its_own_worker(broken_plugin, tmp_path):
+    """A plugin that segfaults was the end of the whole run (exit 139); NaN gates were caught only
+    as NaN logits a step later. Now each is an error row naming why, and the run goes on."""
+    _need_text("en", "de")
+    from moe_routing_bench.bench.cli import main
+
+    args = ["quality", "--plugin", str(broken_plugin), "--routers", "broken[how=segv],broken[how=nan],switch"]
+    args += ["--steps", "2", "--experts", "4", "--width", "16", "--heads", "2", "--vocab", "256", "--seq-len", "16"]
+    args += ["--batch-seqs", "4", "--eval-batches", "2", "--device", "cpu", "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output  # some router failed
+    (run_dir,) = list((tmp_path / "o").iterdir())
+    summary = pd.read_parquet(run_dir / "quality.parquet").set_index("router")
+    assert "signal 11" in summary.loc["broken[how=segv]", "error"]
+    assert "weight_R = nan" in summary.loc["broken[how=nan]", "error"]
+    assert summary.loc["switch", "status"] == "ok"
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "complete"

@@ -14,7 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from moe_routing_bench.bench.record import ROW_SCHEMA, load_run
+from moe_routing_bench.bench.record import load_run
+from moe_routing_bench.bench.schema import ROW_SCHEMA
 
 REPO = Path(__file__).resolve().parents[3]
 

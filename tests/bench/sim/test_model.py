@@ -245,3 +245,20 @@ def test_route_plans_updates_a_stateful_router_after_every_plan(update_calls):
     # The same batches: the first plan is the same, the last one balanced by the bias.
     assert torch.equal(plans.kept_BE[0], without.kept_BE[0])
     assert int(plans.kept_BE[-1].max()) < int(without.kept_BE[-1].max())
+
+
+def test_simulate_on_a_full_disk_is_a_failed_run_in_one_line(tmp_path, monkeypatch):
+    import errno
+
+    import moe_routing_bench.bench.record as record
+
+    def full(table, where, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(record.pq, "write_table", full)
+    res = CliRunner().invoke(main, ["simulate", "-G", "8", "-E", "8", "-T", "64", "-D", "64", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "Traceback" not in res.output  # a traceback before
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert "failed: cannot write" in line and "sim.parquet: No space left on device" in line
+    (run_dir,) = list(tmp_path.iterdir())
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "failed"
