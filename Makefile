@@ -15,7 +15,7 @@ TRITON_CPU := triton==3.6.0
 PYTEST := $(VPY) -m pytest
 ARGS ?=
 
-.PHONY: setup test test-all test-gpu lint format bench report compare bench-route bench-kernels gpu-check gpu-check-dry clean
+.PHONY: setup test test-all test-gpu lint format bench report compare bench-route bench-kernels gpu-check gpu-check-dry mutate clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,12 @@ test-all: setup
 
 test-gpu: setup
 	$(PYTEST) -q -m gpu $(ARGS)
+
+# Mutation testing of the routing rules (tests/mutate.py; about an hour on 2 cores for all four
+# modules; sessions resume). ARGS="--modules positions,contract --workers 2" narrows it.
+mutate: setup
+	@$(VPY) -c "import cosmic_ray" 2>/dev/null || $(VPY) -m pip install --quiet -e ".[mutate]"
+	$(VPY) tests/mutate.py $(ARGS)
 
 lint: setup
 	$(VPY) -m ruff check .

@@ -41,8 +41,44 @@ def test_float_rounding_cases_really_differ():
     assert capacity(1.1, 100, 10) == 11
 
 
+# Fractional parts on both sides of one half, none of them hidden by the clamp to [1, T]: ceil
+# takes every one up; round-half-up, round-half-even, floor or truncation each get some wrong.
+@pytest.mark.parametrize(
+    ("cf", "k", "t", "e", "exact", "expected"),
+    [
+        (1.0, 1, 100, 8, Fraction(25, 2), 13),  # 12.5: half (round-half-even gives 12)
+        (1.0, 1, 100, 7, Fraction(100, 7), 15),  # 14.29: below one half (rounding gives 14)
+        (1.0, 1, 100, 6, Fraction(50, 3), 17),  # 16.67: above one half
+        (1.0, 1, 1000, 64, Fraction(125, 8), 16),  # 15.625
+        (1.25, 2, 100, 16, Fraction(125, 8), 16),  # 15.625
+        (1.0, 1, 130, 8, Fraction(65, 4), 17),  # 16.25: below one half
+        (1.0, 1, 101, 10, Fraction(101, 10), 11),  # 10.1: just above an integer
+        (1.0, 1, 99, 10, Fraction(99, 10), 10),  # 9.9: just below one
+        (1.5, 1, 9, 2, Fraction(27, 4), 7),  # 6.75
+        (1.0, 1, 13, 2, Fraction(13, 2), 7),  # 6.5 (round-half-even gives 6)
+        (1.0, 1, 11, 2, Fraction(11, 2), 6),  # 5.5 (round-half-even gives 6 too: paired with 6.5)
+    ],
+)
+def test_capacity_takes_every_fraction_up(cf, k, t, e, exact, expected):
+    assert Fraction(str(cf)) * k * t / e == exact and 1 < exact < t and exact.denominator > 1
+    assert capacity(cf, t, e, k) == expected == math.ceil(exact)
+
+
+def test_the_fraction_table_tells_the_roundings_apart():
+    # Each plausible wrong rounding gets at least one row of the table above wrong.
+    rows = [(Fraction(25, 2), 13), (Fraction(100, 7), 15), (Fraction(13, 2), 7), (Fraction(11, 2), 6)]
+    for wrong in (round, lambda x: math.floor(x + Fraction(1, 2)), math.floor, int):
+        assert any(wrong(x) != want for x, want in rows), wrong
+
+
 def test_min_capacity_raises_after_clamp():
-    assert capacity(0.01, 100, 64, 1, min_capacity=4) == 4
+    # min_capacity is applied after the clamp to T, so it may exceed T (a padded buffer larger
+    # than the batch, as some frameworks allow): min_capacity 150 with T = 100 gives 150, where
+    # clamping after raising would give 100.
+    assert capacity(0.01, 100, 64, 1, min_capacity=150) == 150
+    assert capacity(8.0, 100, 2, 1, min_capacity=120) == 120  # 400 clamped to 100, then raised
+    assert capacity(0.01, 100, 64, 1, min_capacity=4) == 4  # raised above the clamp's 1
+    assert capacity(1.0, 100, 4, 1, min_capacity=3) == 25  # a smaller minimum changes nothing
     assert build_router("switch", num_experts=64, capacity_factor=0.01, min_capacity=4).config.capacity_for(100) == 4
 
 

@@ -177,3 +177,31 @@ def test_plan_is_finite_for_extreme_logits(case):
         loss = plan.weight_R.sum() + sum(x for x in (plan.aux_loss, plan.z_loss, plan.aux_loss_seq) if x is not None)
         loss.backward()
         assert bool(torch.isfinite(batch.logits_TE.grad).all())
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_gate_gradients_match_finite_differences(case):
+    # Not only "some gradient is non-zero": the analytic derivative of every gate with respect to
+    # every logit equals the central difference. Routers compute in float32, so the step is 1e-3
+    # (truncation error ~1e-6, rounding ~1e-4) and logits are spread 0.1 apart, far above it, so
+    # the selection stays fixed while the gates move. A fresh router per call keeps random choices
+    # (gshard's second expert, random drops) the same.
+    name, opts = case
+    if name in LOGIT_FREE:
+        pytest.skip(LOGIT_FREE[name])
+    gen = torch.Generator().manual_seed(8)
+    t, eps = 6, 1e-3
+    logits = torch.randperm(t * E, generator=gen).double().reshape(t, E) / 10
+    hidden = torch.randn(t, 4, generator=gen)
+
+    def gates(x):
+        return _router(name, opts).route(Batch(logits_TE=x.float(), token_T=torch.arange(t), hidden_TD=hidden)).weight_R
+
+    analytic = torch.autograd.functional.jacobian(gates, logits).double()  # [R, T, E]
+    numeric = torch.zeros_like(analytic)
+    for idx in range(t * E):
+        step = torch.zeros(t * E, dtype=torch.float64)
+        step[idx] = eps
+        step = step.reshape(t, E)
+        numeric.view(analytic.shape[0], -1)[:, idx] = (gates(logits + step) - gates(logits - step)).double() / (2 * eps)
+    torch.testing.assert_close(analytic, numeric, atol=2e-3, rtol=1e-2)

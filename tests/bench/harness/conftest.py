@@ -17,7 +17,8 @@ PLUGIN = textwrap.dedent(
 
     @dataclass(frozen=True)
     class TroubleConfig(SwitchConfig):
-        trouble: str = "none"   # none | raise | kill | sleep
+        trouble: str = "none"   # none | raise | kill | sleep | block
+        block_after: int = 0   # block: route this many batches normally first
 
     @register_router("trouble")
     class Trouble(SwitchRouter):
@@ -31,6 +32,13 @@ PLUGIN = textwrap.dedent(
                 os.kill(os.getpid(), signal.SIGKILL)
             if self.config.trouble == "sleep":
                 time.sleep(0.4)
+            if self.config.trouble == "block":
+                # Say "reached" through a file, then never return: a test signals the run at a
+                # point it knows the run is in, not after a guessed sleep.
+                self._routed = getattr(self, "_routed", 0) + 1
+                if self._routed > self.config.block_after:
+                    open(os.environ["TROUBLE_MARKER"], "w").close()
+                    time.sleep(600)
             return super().route(batch)
     '''
 )

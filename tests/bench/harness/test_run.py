@@ -163,27 +163,46 @@ def test_kill_part_way_then_resume_finishes_without_duplicates(tmp_path, moe_ben
     assert not list(rows_dir.glob(".*.tmp"))
 
 
-def test_ctrl_c_leaves_a_consistent_run(tmp_path, run_dir, trouble_plugin, small):
-    out = tmp_path / "out"
+BLOCKING = """
+[defaults]
+workloads = ["uniform"]
+
+[[sweep]]
+routers = [{ name = "trouble", opts = { trouble = "none" }, label = "fine" }]
+capacity_factor = [0.5, 1.0]
+
+[[sweep]]
+routers = [{ name = "trouble", opts = { trouble = "block" }, label = "stuck" }]
+capacity_factor = [1.0]
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_leaves_a_consistent_run(tmp_path, run_dir, trouble_plugin, small, sig):
+    # The signal arrives while the run is known to be inside its third configuration (the router
+    # wrote the marker and blocks): the two before it are finished rows, nothing else is.
+    out, marker = tmp_path / "out", tmp_path / "reached"
+    config = tmp_path / "blocking.toml"
+    config.write_text(BLOCKING)
+    args = ["run", "--config", str(config), "--plugin", str(trouble_plugin), "--out", str(out), *small]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moe_routing_bench.bench.cli", *_sleepy_args(tmp_path, trouble_plugin, small)],
+        [sys.executable, "-m", "moe_routing_bench.bench.cli", *args],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "TROUBLE_MARKER": str(marker)},
     )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        dirs = [p for p in out.iterdir() if p.is_dir()] if out.exists() else []
-        if dirs and list((dirs[0] / "rows").glob("*.parquet")):
-            break
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
+    assert marker.exists(), proc.communicate(timeout=30)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    run = run_dir(out)
-    rows, _, meta = load_run(run)
-    assert meta["status"] == "interrupted" and 1 <= len(rows) <= 6
+    assert proc.returncode == 130, err  # SIGTERM is handled as Ctrl-C
+    rows, _, meta = load_run(run_dir(out))
+    assert meta["status"] == "interrupted"
+    assert sorted(rows["router"]) == ["fine", "fine"] and set(rows["status"]) == {"ok"}
     assert rows["config_id"].is_unique
 
 

@@ -25,7 +25,6 @@ from PIL import Image
 
 from moe_routing_bench.bench.cli import main
 from moe_routing_bench.bench.metrics import METRICS
-from moe_routing_bench.bench.record import _MEASURE_COLUMNS, _METRIC_COLUMNS
 from moe_routing_bench.bench.report import figures_cost as F
 from moe_routing_bench.bench.report import figures_routing as R
 from moe_routing_bench.bench.report import style as S
@@ -39,6 +38,7 @@ from moe_routing_bench.bench.report.build import (
 )
 from moe_routing_bench.bench.report.data import load_runs, loads_changing, reference_values
 from moe_routing_bench.bench.report.html import md_escape
+from moe_routing_bench.bench.schema import _MEASURE_COLUMNS, _METRIC_COLUMNS
 
 # Every `moe-bench run` records the drops breakdown, so its figure is always drawn for a real run.
 ALWAYS = {

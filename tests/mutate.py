@@ -1,0 +1,225 @@
+"""Mutation testing of the rules the numbers rest on (``make mutate``; not part of ``make test``).
+
+Cosmic Ray plants one small bug at a time (an operator swapped, a constant changed, a condition
+negated) in a module, runs the tests that exercise that module, and records whether they failed
+(the mutant is *killed*) or passed (it *survived*: either a gap in the tests, or an equivalent
+mutant that changes nothing observable). The score per module is killed / total.
+
+    .venv/bin/python tests/mutate.py                     # every module in SCOPE, 2 workers
+    .venv/bin/python tests/mutate.py --modules positions,contract --workers 1
+    .venv/bin/python tests/mutate.py --report            # the table and survivors of the last run
+
+Each worker mutates its own copy of the tracked tree under build/mutate/w<i>/ (Cosmic Ray edits
+files on disk), imported as ``moe_routing_bench`` through links in its own pkgroot/ (the mapping
+pyproject.toml's package-dir makes at install time), so two workers never see each other's bugs.
+Sessions (SQLite) stay in build/mutate/ and resume where they stopped when run again.
+
+Tests per module: the test files whose tests execute the module's rules (found by coverage), run
+with ``-x`` so a killed mutant costs one failing test. Operators left out: ``|`` replacements
+(with ``from __future__ import annotations`` every ``int | None`` is a string: all equivalent),
+decorator removal (frozen dataclasses: killed by construction), and ``is``/``is not`` swaps of
+``==`` (identity and equality of small ints and None coincide: equivalent here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / "build" / "mutate"
+PACKAGES = ("bench", "routers", "kernels", "workloads")
+
+# module -> (path, tests that exercise it)
+SCOPE: dict[str, tuple[str, list[str]]] = {
+    "positions": ("kernels/positions.py", ["tests/kernels/test_backends.py", "tests/bench/test_metrics.py"]),
+    "contract": (
+        "routers/contract.py",
+        [
+            "tests/routers/test_contract.py",
+            "tests/routers/test_validate.py",
+            "tests/routers/test_every_router.py",
+            "tests/routers/test_card_routers.py",
+            "tests/routers/test_switch_topk.py",
+        ],
+    ),
+    "metrics": ("bench/metrics.py", ["tests/bench/test_metrics.py", "tests/routers/test_card_routers.py"]),
+    "dispatch": ("kernels/dispatch.py", ["tests/kernels/test_backends.py", "tests/bench/test_moe_layer.py"]),
+}
+EXCLUDED_OPERATORS = [
+    "core/ReplaceBinaryOperator_BitOr_.*",
+    "core/RemoveDecorator",
+    "core/ReplaceComparisonOperator_.*_(Is|IsNot)$",
+]
+
+
+def _copy_tree(dest: Path) -> Path:
+    """The tracked files (and untracked, not ignored) into dest/repo, with dest/pkgroot links."""
+    repo = dest / "repo"
+    if repo.exists():
+        shutil.rmtree(repo)
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file() and not rel.startswith("results/"):
+            (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, repo / rel)
+    pkg = dest / "pkgroot" / "moe_routing_bench"
+    pkg.mkdir(parents=True, exist_ok=True)
+    for name in PACKAGES:
+        link = pkg / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(repo / name)
+    return repo
+
+
+def _config(name: str, timeout: float) -> str:
+    path, tests = SCOPE[name]
+    cmd = f"{sys.executable} -m pytest -x -q -p no:cacheprovider --benchmark-disable " + " ".join(tests)
+    excluded = ", ".join(f'"{op}"' for op in EXCLUDED_OPERATORS)
+    return (
+        "[cosmic-ray]\n"
+        f'module-path = "{path}"\n'
+        f"timeout = {timeout}\n"
+        "excluded-modules = []\n"
+        f'test-command = "{cmd}"\n\n'
+        '[cosmic-ray.distributor]\nname = "local"\n\n'
+        f"[cosmic-ray.filters.operators-filter]\nexclude-operators = [{excluded}]\n"
+    )
+
+
+def _cr(tool: str, *args: str, cwd: Path, env: dict[str, str]) -> None:
+    exe = Path(sys.executable).with_name(tool)
+    subprocess.run([str(exe), *args], cwd=cwd, env=env, check=True)
+
+
+def _worker(index: int, modules: list[str], timeout: float) -> subprocess.Popen | None:
+    """Start one worker: its copy, then init + filter + baseline + exec for each module in turn."""
+    if not modules:
+        return None
+    dest = WORK / f"w{index}"
+    repo = _copy_tree(dest)
+    steps = []
+    for name in modules:
+        cfg, session = WORK / f"{name}.toml", WORK / f"{name}.sqlite"
+        cfg.write_text(_config(name, timeout))
+        if not session.exists():
+            steps.append(f"cosmic-ray init {cfg} {session}")
+            steps.append(f"cr-filter-operators {session} {cfg}")
+        steps.append(f"cosmic-ray exec {cfg} {session}")
+    bindir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(dest / "pkgroot"),
+        "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "OMP_NUM_THREADS": "1",
+    }
+    log = open(WORK / f"w{index}.log", "w")  # noqa: SIM115 - closed when the process ends
+    return subprocess.Popen(["bash", "-ec", " && ".join(steps)], cwd=repo, env=env, stdout=log, stderr=log)
+
+
+def _baseline(timeout: float) -> None:
+    """Every module's tests pass unmutated in a worker copy (else every mutant looks killed)."""
+    dest = WORK / "baseline"
+    repo = _copy_tree(dest)
+    env = {**os.environ, "PYTHONPATH": str(dest / "pkgroot")}
+    for name, (_, tests) in SCOPE.items():
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+        res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout * 10)
+        if res.returncode != 0:
+            sys.exit(f"baseline: the tests of {name} fail unmutated:\n{res.stdout[-2000:]}")
+
+
+def report(modules: list[str], show_survivors: bool = True) -> list[dict]:
+    """Per module: total, killed, survived, incompetent/timeouts, still to run; survivors' diffs."""
+    rows = []
+    for name in modules:
+        session = WORK / f"{name}.sqlite"
+        if not session.exists():
+            continue
+        con = sqlite3.connect(session)
+        total = con.execute("select count(*) from work_items").fetchone()[0]
+        res = dict(
+            con.execute(
+                "select coalesce(test_outcome, worker_outcome), count(*) from work_results group by 1"
+            ).fetchall()
+        )
+        skipped = res.pop("SKIPPED", 0) + res.pop("skipped", 0)
+        killed = res.get("KILLED", 0) + res.get("killed", 0)
+        survived = res.get("SURVIVED", 0) + res.get("survived", 0)
+        other = sum(res.values()) - killed - survived
+        mutants = total - skipped
+        done = killed + survived + other
+        rows.append(
+            {
+                "module": SCOPE[name][0],
+                "mutants": mutants,
+                "killed": killed,
+                "survived": survived,
+                "other": other,
+                "pending": mutants - done,
+                "score": killed / (killed + survived) if killed + survived else float("nan"),
+            }
+        )
+        if show_survivors and survived:
+            print(f"\n## survivors in {SCOPE[name][0]}")
+            for (diff,) in con.execute(
+                "select r.diff from work_results r where upper(r.test_outcome) = 'SURVIVED'"
+            ).fetchall():
+                print(diff)
+    print(f"\n{'module':<22}{'mutants':>8}{'killed':>8}{'survived':>9}{'other':>7}{'pending':>8}{'score':>8}")
+    for r in rows:
+        print(
+            f"{r['module']:<22}{r['mutants']:>8}{r['killed']:>8}{r['survived']:>9}{r['other']:>7}"
+            f"{r['pending']:>8}{r['score']:>8.1%}"
+        )
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modules", default=",".join(SCOPE), help=f"comma-separated, of: {', '.join(SCOPE)}")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's test run")
+    ap.add_argument("--report", action="store_true", help="only print the last run's table and survivors")
+    ap.add_argument("--fresh", action="store_true", help="start the sessions again from nothing")
+    args = ap.parse_args()
+    modules = [m.strip() for m in args.modules.split(",") if m.strip()]
+    bad = [m for m in modules if m not in SCOPE]
+    if bad:
+        sys.exit(f"--modules: unknown {bad}; one of {', '.join(SCOPE)}")
+    if args.workers < 1:
+        sys.exit("--workers must be >= 1")
+    WORK.mkdir(parents=True, exist_ok=True)
+    if args.report:
+        report(modules)
+        return
+    if args.fresh:
+        for m in modules:
+            (WORK / f"{m}.sqlite").unlink(missing_ok=True)
+    _baseline(args.timeout)
+    start = time.time()
+    groups = [modules[i :: args.workers] for i in range(args.workers)]
+    procs = [p for i, g in enumerate(groups) if (p := _worker(i, g, args.timeout)) is not None]
+    codes = [p.wait() for p in procs]
+    print(f"mutation run: {time.time() - start:.0f} s on {len(procs)} workers (logs: {WORK}/w*.log)")
+    report(modules)
+    if any(codes):
+        sys.exit(f"a worker failed (exit {codes}); see its log")
+
+
+if __name__ == "__main__":
+    main()
