@@ -17,8 +17,8 @@ def check_expert_R(expert_R: torch.Tensor, num_experts: int) -> None:
         raise ValueError(f"expert_R must be a 1-D tensor [R] (got {getattr(expert_R, 'shape', type(expert_R))})")
     if expert_R.dtype != torch.int64:
         raise ValueError(f"expert_R must be int64 (got {expert_R.dtype})")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be an integer >= 1 (got {num_experts!r})")
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or not 1 <= num_experts < 2**31:
+        raise ValueError(f"num_experts must be an integer in [1, 2**31) (got {num_experts!r})")
 
 
 def expert_counts(expert_R: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -40,9 +40,8 @@ def positions(expert_R: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
         lo, hi = int(expert_R.min()), int(expert_R.max())
         raise ValueError(f"expert_R values must lie in [0, {num_experts}) (got {lo}..{hi})")
     counts_E = torch.bincount(expert_R, minlength=num_experts)
-    # int32 keys sort twice as fast and E always fits; stability keeps priority order per expert.
-    key = expert_R.to(torch.int32) if num_experts < 2**31 else expert_R
-    order_R = torch.sort(key, stable=True).indices
+    # int32 keys sort twice as fast and E < 2**31 fits; stability keeps priority order per expert.
+    order_R = torch.sort(expert_R.to(torch.int32), stable=True).indices
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_sorted = torch.arange(r, device=expert_R.device) - starts_E[expert_R[order_R]]
     rank_R = torch.empty_like(rank_sorted)

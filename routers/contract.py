@@ -156,8 +156,8 @@ class Plan:
     experts_choose: bool = False
 
     def __post_init__(self) -> None:
-        r = self.token_R.shape[0]
-        if self.token_R.dim() != 1 or self.expert_R.shape != (r,) or self.weight_R.shape != (r,):
+        r = self.token_R.shape[0] if self.token_R.dim() == 1 else -1
+        if r < 0 or self.expert_R.shape != (r,) or self.weight_R.shape != (r,):
             raise RoutingError(
                 "plan arrays token_R, expert_R, weight_R must be 1-D of one length "
                 f"(got {list(self.token_R.shape)}, {list(self.expert_R.shape)}, {list(self.weight_R.shape)})"

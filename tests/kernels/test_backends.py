@@ -18,7 +18,7 @@ from moe_routing_bench.kernels import einsum_backend, torch_backend
 from moe_routing_bench.kernels.dispatch import analytic_buffer_bytes, make_dispatch
 from moe_routing_bench.kernels.experts import FFN_KINDS, ExpertFFN, expert_flops, grouped_mm_works
 from moe_routing_bench.kernels.layer import BACKENDS, STAGES, get_backend, moe_forward
-from moe_routing_bench.kernels.positions import positions
+from moe_routing_bench.kernels.positions import kept_mask, positions
 from moe_routing_bench.kernels.reference import plain_moe_forward, plain_positions, random_plan
 from moe_routing_bench.routers.contract import capacity
 
@@ -486,3 +486,42 @@ def test_the_grouped_probe_answers_the_same_in_any_grad_mode(monkeypatch):
         monkeypatch.setattr(experts, "_PROBED", {})
         with mode():
             assert experts.grouped_mm_works("cpu", torch.float32) == free
+
+
+@pytest.mark.parametrize(
+    ("expert_R", "num_experts", "match"),
+    [
+        ([0, 1], 2, "expert_R must be a 1-D tensor"),  # a list, not a tensor
+        (torch.zeros(2, 2, dtype=torch.int64), 2, "expert_R must be a 1-D tensor"),
+        (torch.tensor([0, 1], dtype=torch.int32), 2, "expert_R must be int64"),
+        (torch.tensor([0, 1]), 0, r"num_experts must be an integer in \[1, 2\*\*31\)"),
+        (torch.tensor([0, 1]), 2**31, r"num_experts must be an integer in \[1, 2\*\*31\)"),
+        (torch.tensor([0, 1]), True, "num_experts must be an integer"),
+        (torch.tensor([0, 2]), 2, r"expert_R values must lie in \[0, 2\) \(got 0..2\)"),
+        (torch.tensor([-1, 1]), 2, r"expert_R values must lie in \[0, 2\) \(got -1..1\)"),
+    ],
+)
+def test_positions_refuses_a_broken_request_list_naming_it(expert_R, num_experts, match):
+    with pytest.raises(ValueError, match=match):
+        positions(expert_R, num_experts)
+
+
+def test_positions_ranks_on_hand_examples():
+    # Ranks count earlier requests to the same expert, in list order; counts are the loads.
+    rank, counts = positions(torch.tensor([2, 0, 2, 2, 1, 0]), 4)
+    assert rank.tolist() == [0, 0, 1, 2, 0, 1] and counts.tolist() == [2, 1, 3, 0]
+    rank, counts = positions(torch.tensor([], dtype=torch.int64), 3)
+    assert rank.tolist() == [] and counts.tolist() == [0, 0, 0]
+    assert kept_mask(torch.tensor([0, 3, 1, 2]), 2).tolist() == [True, False, True, False]
+    assert kept_mask(torch.tensor([0, 3]), None).tolist() == [True, True]
+
+
+def test_positions_refuses_ids_past_the_end_and_scalars_and_accepts_large_e():
+    from moe_routing_bench.kernels.positions import check_expert_R
+
+    with pytest.raises(ValueError, match=r"expert_R values must lie in \[0, 2\) \(got 0..5\)"):
+        positions(torch.tensor([0, 5]), 2)  # far past the end, not only the first id past it
+    with pytest.raises(ValueError, match="expert_R must be a 1-D tensor"):
+        positions(torch.tensor(3), 4)  # a 0-d tensor
+    check_expert_R(torch.tensor([0, 1]), 2**30)  # any E below 2**31 (int32 sort keys) is allowed
+    check_expert_R(torch.tensor([0, 1]), 2**31 - 1)

@@ -151,3 +151,94 @@ def test_plan_validates_its_arrays():
             None,
             1,
         )
+
+
+def test_stateful_is_true_only_for_routers_that_update():
+    # ep gathers the whole step's plan only for a stateful router; the flag must not invert.
+    assert build_router("switch", num_experts=8).stateful is False
+    assert build_router("topk", num_experts=8).stateful is False
+    assert build_router("topk", num_experts=8, bias_update_rate=0.01).stateful is True
+
+
+def test_batch_refuses_hidden_states_of_the_wrong_rank():
+    logits = torch.zeros(4, 3)
+    for hidden in (torch.zeros(4), torch.zeros(4, 2, 2), torch.zeros(5, 2)):
+        with pytest.raises(RoutingError, match="hidden_TD"):
+            Batch(logits_TE=logits, token_T=torch.arange(4), hidden_TD=hidden)
+
+
+@pytest.mark.parametrize("e", [6, 8])
+def test_sequence_balance_loss_against_a_loop(e):
+    # A loop over sequences and experts, at an E that is not a power of two (where packing the
+    # (sequence, expert) pair into one index must multiply and add, not combine bits).
+    from moe_routing_bench.routers.contract import sequence_balance_loss
+
+    gen = torch.Generator().manual_seed(3)
+    t, k = 24, 2
+    scores = torch.softmax(torch.randn(t, e, generator=gen), -1)
+    expert_R = torch.randint(0, e, (t * k,), generator=gen)
+    token_R = torch.arange(t).repeat(k)
+    seq_T = torch.tensor([7] * 10 + [3] * 9 + [11] * 5)
+    losses = []
+    for s in seq_T.unique().tolist():
+        in_s = seq_T == s
+        req = in_s[token_R]
+        counts = torch.bincount(expert_R[req], minlength=e).double()
+        mean_p = scores[in_s].double().mean(0)
+        losses.append(e / req.sum() * (counts * mean_p).sum())
+    torch.testing.assert_close(
+        sequence_balance_loss(scores, token_R, expert_R, seq_T).double(), torch.stack(losses).mean()
+    )
+
+
+def _plan(**over):
+    arrays = {"token_R": torch.tensor([0, 1]), "expert_R": torch.tensor([1, 0]), "weight_R": torch.ones(2)}
+    return Plan(**{**arrays, **over}, num_tokens=2, num_experts=2, capacity=None, top_k=1)
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    [
+        ({"token_R": torch.tensor(0)}, "must be 1-D of one length"),  # 0-d: a RoutingError, not IndexError
+        ({"token_R": torch.zeros(2, 1, dtype=torch.int64)}, "must be 1-D of one length"),
+        ({"expert_R": torch.tensor([1, 0, 1])}, "must be 1-D of one length"),
+        ({"weight_R": torch.ones(3)}, "must be 1-D of one length"),
+        ({"token_R": torch.tensor([0, 1], dtype=torch.int32)}, "must be int64"),  # either one alone
+        ({"expert_R": torch.tensor([1, 0], dtype=torch.int32)}, "must be int64"),
+    ],
+)
+def test_plan_refuses_malformed_arrays(over, match):
+    with pytest.raises(RoutingError, match=match):
+        _plan(**over)
+
+
+def test_batch_refuses_no_experts_and_sequence_ids_of_another_length():
+    with pytest.raises(RoutingError, match="num_experts E must be >= 1"):
+        Batch(logits_TE=torch.zeros(4, 0), token_T=torch.arange(4))
+    for seq in (torch.zeros(5, dtype=torch.int64), torch.zeros(3, dtype=torch.int64)):
+        with pytest.raises(RoutingError, match="seq_T"):
+            Batch(logits_TE=torch.zeros(4, 2), token_T=torch.arange(4), seq_T=seq)
+
+
+def test_a_router_refuses_a_batch_with_other_e_either_way():
+    router = build_router("topk", num_experts=8)
+    for e in (4, 16):
+        with pytest.raises(RoutingError, match=f"logits_TE has E = {e} columns"):
+            router.route(Batch(logits_TE=torch.zeros(3, e), token_T=torch.arange(3)))
+
+
+def test_z_loss_from_logits_alone_is_over_each_tokens_experts():
+    from moe_routing_bench.routers.contract import z_loss
+
+    logits = torch.randn(5, 3, generator=torch.Generator().manual_seed(1)) * 4  # T != E: the axis matters
+    torch.testing.assert_close(z_loss(logits), torch.logsumexp(logits, -1).square().mean())
+
+
+def test_sequence_balance_loss_skips_a_sequence_that_requested_nothing():
+    from moe_routing_bench.routers.contract import sequence_balance_loss
+
+    # Expert choice can leave a sequence with no request: it scores nothing (not 0 / 0 = NaN).
+    scores = torch.full((4, 2), 0.5)
+    seq_T = torch.tensor([0, 0, 1, 1])
+    token_R, expert_R = torch.tensor([0, 1]), torch.tensor([0, 1])  # only sequence 0 requested
+    assert float(sequence_balance_loss(scores, token_R, expert_R, seq_T)) == pytest.approx(1.0)
