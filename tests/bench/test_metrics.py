@@ -107,3 +107,18 @@ def test_switch_drop_rate_matches_binomial_expectation(cf, cap):
     assert abs(mean - expected) < 4 * se, (mean, se, expected)
     # The bound is informative: a rule change (e.g. dropping at rank <= C) moves the mean far away.
     assert se < 0.1 * expected
+
+
+def test_top_k_effective_is_requests_per_token():
+    # 6 requests over 4 tokens (a top-p batch): 1.5, a ratio, not a remainder or a bit mask.
+    plan = Plan(
+        token_R=torch.tensor([0, 0, 1, 2, 2, 3]),
+        expert_R=torch.tensor([0, 1, 1, 2, 3, 0]),
+        weight_R=torch.full((6,), 0.5),
+        num_tokens=4,
+        num_experts=4,
+        capacity=None,
+        top_k=1.5,
+    )
+    metrics, _ = batch_metrics(plan)
+    assert metrics["top_k_effective"] == 1.5

@@ -242,3 +242,21 @@ def test_sequence_balance_loss_skips_a_sequence_that_requested_nothing():
     seq_T = torch.tensor([0, 0, 1, 1])
     token_R, expert_R = torch.tensor([0, 1]), torch.tensor([0, 1])  # only sequence 0 requested
     assert float(sequence_balance_loss(scores, token_R, expert_R, seq_T)) == pytest.approx(1.0)
+
+
+def test_batch_refuses_logits_and_token_ids_of_the_wrong_rank():
+    with pytest.raises(RoutingError, match="logits_TE must be a 2-D tensor"):
+        Batch(logits_TE=torch.zeros(2, 3, 4), token_T=torch.arange(2))
+    with pytest.raises(RoutingError, match="token_T"):
+        Batch(logits_TE=torch.zeros(1, 3), token_T=torch.tensor(0))  # 0-d
+
+
+def test_capacity_of_a_one_token_batch():
+    assert capacity(1.0, 1, 4) == 1 and capacity(0.5, 1, 1) == 1 and capacity(4.0, 1, 2, 2) == 1
+
+
+def test_router_config_defaults_to_eight_experts():
+    # The documented default (README, `moe-bench route` without -E uses the CLI's own).
+    from moe_routing_bench.routers.contract import RouterConfig
+
+    assert RouterConfig().num_experts == 8
