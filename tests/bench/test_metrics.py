@@ -122,3 +122,9 @@ def test_top_k_effective_is_requests_per_token():
     )
     metrics, _ = batch_metrics(plan)
     assert metrics["top_k_effective"] == 1.5
+
+
+def test_one_expert_is_perfectly_balanced():
+    # E = 1: entropy over one expert is defined as 1 (even), imbalance 1, CV 0.
+    stats = load_stats(torch.tensor([5]))
+    assert stats["load_entropy"] == 1.0 and stats["imbalance"] == 1.0 and stats["load_cv"] == 0.0
