@@ -128,3 +128,32 @@ def test_one_expert_is_perfectly_balanced():
     # E = 1: entropy over one expert is defined as 1 (even), imbalance 1, CV 0.
     stats = load_stats(torch.tensor([5]))
     assert stats["load_entropy"] == 1.0 and stats["imbalance"] == 1.0 and stats["load_cv"] == 0.0
+
+
+def test_metrics_from_the_layers_dispatch_equal_metrics_computed_here():
+    # The harness passes the step's Dispatch (one positions per step): a capacity plan's kept
+    # mask must come from it, not be taken as "all kept".
+    from moe_routing_bench.kernels.dispatch import make_dispatch
+
+    plan = _plan([0, 1, 2, 3, 3], [0, 0, 1, 0, 2], [0.05, 0.04, 0.03, 0.02, 0.01], t=4, e=3, cap=1)
+    d = make_dispatch(plan.token_R, plan.expert_R, plan.weight_R, 4, 3, 1)
+    here, _ = batch_metrics(plan)
+    from_dispatch, _ = batch_metrics(plan, dispatch=d)
+    assert from_dispatch == pytest.approx(here, nan_ok=True)
+    assert here["tokens_dropped_frac"] == pytest.approx(1 / 4)
+    # Gates summing to well under 1 (0.15) still give a kept share.
+    assert here["gate_mass_kept"] == pytest.approx((0.05 + 0.03 + 0.01) / 0.15)
+
+
+def test_a_plan_with_no_requests_drops_nothing():
+    empty = torch.tensor([], dtype=torch.int64)
+    plan = Plan(empty, empty, torch.tensor([]), num_tokens=3, num_experts=2, capacity=1, top_k=1)
+    m, _ = batch_metrics(plan)
+    assert m["drop_rate"] == 0.0 and m["tokens_dropped_frac"] == 1.0
+
+
+def test_load_stats_of_a_single_request_and_se_of_two_batches():
+    assert load_stats(torch.tensor([1, 0]))["imbalance"] == 2.0
+    out = aggregate([{"drop_rate": 0.1}, {"drop_rate": 0.3}])
+    mean, se = out["drop_rate"]
+    assert mean == pytest.approx(0.2) and se == pytest.approx(0.1)  # std 0.1414 / sqrt(2)

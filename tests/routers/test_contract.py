@@ -203,6 +203,7 @@ def _plan(**over):
         ({"token_R": torch.zeros(2, 1, dtype=torch.int64)}, "must be 1-D of one length"),
         ({"expert_R": torch.tensor([1, 0, 1])}, "must be 1-D of one length"),
         ({"weight_R": torch.ones(3)}, "must be 1-D of one length"),
+        ({"weight_R": torch.ones(1)}, "must be 1-D of one length"),
         ({"token_R": torch.tensor([0, 1], dtype=torch.int32)}, "must be int64"),  # either one alone
         ({"expert_R": torch.tensor([1, 0], dtype=torch.int32)}, "must be int64"),
     ],
@@ -259,4 +260,14 @@ def test_router_config_defaults_to_eight_experts():
     # The documented default (README, `moe-bench route` without -E uses the CLI's own).
     from moe_routing_bench.routers.contract import RouterConfig
 
-    assert RouterConfig().num_experts == 8
+    assert RouterConfig().num_experts == 8 and RouterConfig().top_k == 1
+    # A plan says it looked at the whole batch only when its router does.
+    batch = Batch(logits_TE=torch.randn(6, 4), token_T=torch.arange(6))
+    assert build_router("switch", num_experts=4).route(batch).looks_at_whole_batch is False
+    assert build_router("expert_choice", num_experts=4).route(batch).looks_at_whole_batch is True
+
+
+def test_one_expert_and_fractional_config_integers():
+    Batch(logits_TE=torch.zeros(3, 1), token_T=torch.arange(3))  # E = 1 is a batch
+    with pytest.raises(RoutingError, match="num_experts must be an integer"):
+        build_router("switch", num_experts=2.5)
