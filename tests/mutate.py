@@ -12,7 +12,10 @@ mutant that changes nothing observable). The score per module is killed / total.
 Each worker mutates its own copy of the tracked tree under build/mutate/w<i>/ (Cosmic Ray edits
 files on disk), imported as ``moe_routing_bench`` through links in its own pkgroot/ (the mapping
 pyproject.toml's package-dir makes at install time), so two workers never see each other's bugs.
-Sessions (SQLite) stay in build/mutate/ and resume where they stopped when run again.
+Sessions (SQLite) stay in build/mutate/ and resume where they stopped when run again, as long
+as the module is unchanged (a session records the module's hash; a changed module starts over,
+since Cosmic Ray finds its mutation sites by position). ``--retry-survivors`` runs the survivors
+of an unchanged module again against the current tests.
 
 Tests per module: the test files whose tests execute the module's rules (found by coverage), run
 with ``-x`` so a killed mutant costs one failing test. Operators left out: ``|`` replacements
@@ -105,6 +108,34 @@ def _config(name: str, timeout: float) -> str:
     )
 
 
+def _module_hash(name: str) -> str:
+    import hashlib
+
+    return hashlib.sha256((REPO / SCOPE[name][0]).read_bytes()).hexdigest()
+
+
+def _drop_if_stale(name: str) -> None:
+    """Start a module's session over when the module changed since the session began."""
+    session, stamp = WORK / f"{name}.sqlite", WORK / f"{name}.sha256"
+    if session.exists() and (not stamp.exists() or stamp.read_text() != _module_hash(name)):
+        print(f"{SCOPE[name][0]} changed since its session began: starting it over")
+        session.unlink()
+    if not session.exists():
+        stamp.write_text(_module_hash(name))
+
+
+def retry_survivors(name: str) -> int:
+    """Forget the survivors of an unchanged module's session, so exec runs them again."""
+    _drop_if_stale(name)
+    session = WORK / f"{name}.sqlite"
+    if not session.exists():
+        return 0
+    con = sqlite3.connect(session)
+    n = con.execute("delete from work_results where test_outcome = 'SURVIVED'").rowcount
+    con.commit()
+    return n
+
+
 def _cr(tool: str, *args: str, cwd: Path, env: dict[str, str]) -> None:
     exe = Path(sys.executable).with_name(tool)
     subprocess.run([str(exe), *args], cwd=cwd, env=env, check=True)
@@ -120,6 +151,7 @@ def _worker(index: int, modules: list[str], timeout: float) -> subprocess.Popen 
     for name in modules:
         cfg, session = WORK / f"{name}.toml", WORK / f"{name}.sqlite"
         cfg.write_text(_config(name, timeout))
+        _drop_if_stale(name)
         if not session.exists():
             steps.append(f"cosmic-ray init {cfg} {session}")
             steps.append(f"cr-filter-operators {session} {cfg}")
@@ -200,6 +232,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's test run")
     ap.add_argument("--report", action="store_true", help="only print the last run's table and survivors")
     ap.add_argument("--fresh", action="store_true", help="start the sessions again from nothing")
+    ap.add_argument("--retry-survivors", action="store_true", help="run the survivors again (unchanged modules)")
     args = ap.parse_args()
     modules = [m.strip() for m in args.modules.split(",") if m.strip()]
     bad = [m for m in modules if m not in SCOPE]
@@ -214,6 +247,9 @@ def main() -> None:
     if args.fresh:
         for m in modules:
             (WORK / f"{m}.sqlite").unlink(missing_ok=True)
+    if args.retry_survivors:
+        for m in modules:
+            print(f"{SCOPE[m][0]}: {retry_survivors(m)} survivors to run again")
     _baseline(args.timeout)
     start = time.time()
     groups = [modules[i :: args.workers] for i in range(args.workers)]

@@ -157,3 +157,14 @@ def test_load_stats_of_a_single_request_and_se_of_two_batches():
     out = aggregate([{"drop_rate": 0.1}, {"drop_rate": 0.3}])
     mean, se = out["drop_rate"]
     assert mean == pytest.approx(0.2) and se == pytest.approx(0.1)  # std 0.1414 / sqrt(2)
+
+
+def test_two_expert_entropy_zero_gates_and_maxvio_past_one():
+    q = [0.75, 0.25]
+    assert load_stats(torch.tensor([3, 1]))["load_entropy"] == pytest.approx(
+        -sum(x * math.log(x) for x in q) / math.log(2)
+    )
+    stats = load_stats(torch.tensor([2, 0, 0, 0]))
+    assert stats["imbalance"] == 4.0 and stats["maxvio"] == 3.0  # max/mean - 1, not a remainder
+    plan = _plan([0, 1], [0, 1], [0.0, 0.0], t=2, e=2, cap=None)
+    assert math.isnan(batch_metrics(plan)[0]["gate_mass_kept"])  # no gate mass: undefined

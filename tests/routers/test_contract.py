@@ -271,3 +271,34 @@ def test_one_expert_and_fractional_config_integers():
     Batch(logits_TE=torch.zeros(3, 1), token_T=torch.arange(3))  # E = 1 is a batch
     with pytest.raises(RoutingError, match="num_experts must be an integer"):
         build_router("switch", num_experts=2.5)
+
+
+def test_batch_edges_name_what_is_wrong():
+    logits = torch.zeros(4, 3)
+    logits[0, 1], logits[2, 2] = float("nan"), float("inf")
+    with pytest.raises(RoutingError, match=r"logits_TE must be finite \(found 2 NaN or infinite values\)"):
+        Batch(logits_TE=logits, token_T=torch.arange(4))
+    with pytest.raises(RoutingError, match="token_T must be a 1-D tensor"):
+        Batch(logits_TE=torch.zeros(2, 3), token_T=[0, 1])  # a list, not a tensor
+    for n in (3, 5):  # fewer or more token ids than rows
+        with pytest.raises(RoutingError, match=f"got {n} token ids and 4 rows"):
+            Batch(logits_TE=torch.zeros(4, 3), token_T=torch.arange(n))
+    with pytest.raises(RoutingError, match="hidden_TD"):
+        Batch(logits_TE=torch.zeros(4, 3), token_T=torch.arange(4), hidden_TD=torch.zeros(3, 2))
+
+
+def test_capacity_and_config_refuse_what_cannot_be():
+    with pytest.raises(RoutingError, match="num_experts must be >= 1"):
+        capacity(1.0, 10, 0)
+    with pytest.raises(RoutingError, match="min_capacity must be an integer >= 0"):
+        build_router("switch", num_experts=4, min_capacity=-1)
+
+
+def test_sequence_balance_loss_scores_a_sequence_of_one_request():
+    from moe_routing_bench.routers.contract import sequence_balance_loss
+
+    scores = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.5, 0.5]])
+    seq_T = torch.tensor([0, 1, 1])
+    token_R, expert_R = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1])
+    # Sequence 0: one request, to expert 0: E / (1 * 1) * 1 * 0.75 = 1.5. Sequence 1: 2 * (0.5 + 0.5) / 2 = 1.
+    assert float(sequence_balance_loss(scores, token_R, expert_R, seq_T)) == pytest.approx((1.5 + 1.0) / 2)
