@@ -302,3 +302,10 @@ def test_sequence_balance_loss_scores_a_sequence_of_one_request():
     token_R, expert_R = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1])
     # Sequence 0: one request, to expert 0: E / (1 * 1) * 1 * 0.75 = 1.5. Sequence 1: 2 * (0.5 + 0.5) / 2 = 1.
     assert float(sequence_balance_loss(scores, token_R, expert_R, seq_T)) == pytest.approx((1.5 + 1.0) / 2)
+
+
+def test_capacity_takes_k_exactly_and_refuses_a_boolean_cf():
+    # K as a float goes through Fraction(str(K)) like cf: 1.1 * 100 / 10 is 11, not 12.
+    assert capacity(1.0, 100, 10, 1.1) == 11
+    with pytest.raises(RoutingError, match="capacity_factor"):
+        build_router("switch", num_experts=4, capacity_factor=True)
