@@ -167,9 +167,9 @@ def _worker(index: int, modules: list[str], timeout: float) -> subprocess.Popen 
     return subprocess.Popen(["bash", "-ec", " && ".join(steps)], cwd=repo, env=env, stdout=log, stderr=log)
 
 
-def _baseline(timeout: float) -> None:
+def _baseline(timeout: float, first: int = 0) -> None:
     """Every module's tests pass unmutated in a worker copy (else every mutant looks killed)."""
-    dest = WORK / "baseline"
+    dest = WORK / f"baseline{first or ''}"
     repo = _copy_tree(dest)
     env = {**os.environ, "PYTHONPATH": str(dest / "pkgroot")}
     for name, (_, tests) in SCOPE.items():
@@ -229,6 +229,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--modules", default=",".join(SCOPE), help=f"comma-separated, of: {', '.join(SCOPE)}")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--first-worker", type=int, default=0, help="copies w<N>.. (another run in parallel)")
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per mutant's test run")
     ap.add_argument("--report", action="store_true", help="only print the last run's table and survivors")
     ap.add_argument("--fresh", action="store_true", help="start the sessions again from nothing")
@@ -250,10 +251,10 @@ def main() -> None:
     if args.retry_survivors:
         for m in modules:
             print(f"{SCOPE[m][0]}: {retry_survivors(m)} survivors to run again")
-    _baseline(args.timeout)
+    _baseline(args.timeout, args.first_worker)
     start = time.time()
     groups = [modules[i :: args.workers] for i in range(args.workers)]
-    procs = [p for i, g in enumerate(groups) if (p := _worker(i, g, args.timeout)) is not None]
+    procs = [p for i, g in enumerate(groups) if (p := _worker(args.first_worker + i, g, args.timeout)) is not None]
     codes = [p.wait() for p in procs]
     print(f"mutation run: {time.time() - start:.0f} s on {len(procs)} workers (logs: {WORK}/w*.log)")
     report(modules)
