@@ -496,6 +496,7 @@ def test_the_grouped_probe_answers_the_same_in_any_grad_mode(monkeypatch):
         (torch.tensor([0, 1], dtype=torch.int32), 2, "expert_R must be int64"),
         (torch.tensor([0, 1]), 0, r"num_experts must be an integer in \[1, 2\*\*31\)"),
         (torch.tensor([0, 1]), 2**31, r"num_experts must be an integer in \[1, 2\*\*31\)"),
+        (torch.tensor([0, 1]), 2**32, r"num_experts must be an integer in \[1, 2\*\*31\)"),
         (torch.tensor([0, 1]), True, "num_experts must be an integer"),
         (torch.tensor([0, 2]), 2, r"expert_R values must lie in \[0, 2\) \(got 0..2\)"),
         (torch.tensor([-1, 1]), 2, r"expert_R values must lie in \[0, 2\) \(got -1..1\)"),
