@@ -526,3 +526,19 @@ def test_positions_refuses_ids_past_the_end_and_scalars_and_accepts_large_e():
         positions(torch.tensor(3), 4)  # a 0-d tensor
     check_expert_R(torch.tensor([0, 1]), 2**30)  # any E below 2**31 (int32 sort keys) is allowed
     check_expert_R(torch.tensor([0, 1]), 2**31 - 1)
+
+
+@pytest.mark.parametrize(
+    ("token_R", "expert_R", "match"),
+    [
+        ([0, 4], [0, 1], r"token_R values must lie in \[0, 4\) \(got 0..4\)"),
+        ([-1, 1], [0, 1], r"token_R values must lie in \[0, 4\) \(got -1..1\)"),
+        ([0, 1], [0, 3], r"expert_R values must lie in \[0, 3\) \(got 0..3\)"),
+        ([0, 1], [-2, 1], r"expert_R values must lie in \[0, 3\) \(got -2..1\)"),
+    ],
+)
+def test_make_dispatch_refuses_ids_out_of_range_on_either_side(token_R, expert_R, match):
+    from moe_routing_bench.kernels.dispatch import make_dispatch
+
+    with pytest.raises(ValueError, match=match):
+        make_dispatch(torch.tensor(token_R), torch.tensor(expert_R), torch.ones(2), 4, 3, None)
