@@ -542,3 +542,17 @@ def test_make_dispatch_refuses_ids_out_of_range_on_either_side(token_R, expert_R
 
     with pytest.raises(ValueError, match=match):
         make_dispatch(torch.tensor(token_R), torch.tensor(expert_R), torch.ones(2), 4, 3, None)
+
+
+def test_make_dispatch_array_lengths_an_empty_batch_and_buffer_bytes_edges():
+    from moe_routing_bench.kernels.dispatch import analytic_buffer_bytes, make_dispatch
+
+    with pytest.raises(ValueError, match="must have equal lengths"):
+        make_dispatch(torch.tensor([0, 1]), torch.tensor([0, 1, 1]), torch.ones(2), 4, 3, None)  # longer
+    empty = torch.tensor([], dtype=torch.int64)
+    d = make_dispatch(empty, empty, torch.tensor([]), 0, 3, None)  # T = 0: an empty batch is allowed
+    assert d.num_kept == 0
+    d = make_dispatch(torch.tensor([0, 1]), torch.tensor([2, 2]), torch.ones(2), 2, 3, None)
+    assert analytic_buffer_bytes(d, 1, torch.float32, "compact") == 2 * 1 * 4  # D = 1 is a size
+    with pytest.raises(ValueError, match=r"hidden must be an integer >= 1 \(got 0\)"):
+        analytic_buffer_bytes(d, 0, torch.float32, "compact")

@@ -158,6 +158,19 @@ def test_stateful_is_true_only_for_routers_that_update():
     assert build_router("switch", num_experts=8).stateful is False
     assert build_router("topk", num_experts=8).stateful is False
     assert build_router("topk", num_experts=8, bias_update_rate=0.01).stateful is True
+    # The base rule (a router is stateful when its class defines update), for routers that do
+    # not carry a bias, and the default of needs_hidden (only routers with their own gate).
+    from moe_routing_bench.routers.contract import Router
+
+    for name in ("expert_choice", "hash", "dense"):
+        router = build_router(name, num_experts=8)
+        assert router.stateful is False and router.needs_hidden is False, name
+
+    class Learns(Router):
+        def update(self, plan):
+            pass
+
+    assert Learns(num_experts=4).stateful is True and Learns(num_experts=4).needs_hidden is False
 
 
 def test_batch_refuses_hidden_states_of_the_wrong_rank():
