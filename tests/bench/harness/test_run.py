@@ -192,13 +192,21 @@ def test_ctrl_c_leaves_a_consistent_run(tmp_path, run_dir, trouble_plugin, small
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "TROUBLE_MARKER": str(marker)},
+        # A shell's background job (a CI runner's, `make test &`) inherits SIGINT ignored, and
+        # Python then installs no Ctrl-C handler: restore the default, as a terminal has it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), proc.communicate(timeout=30)
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=120)
+    try:
+        deadline = time.time() + 240
+        while not marker.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), proc.communicate(timeout=30)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:  # never leave a run blocked in its router behind
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, err  # SIGTERM is handled as Ctrl-C
     rows, _, meta = load_run(run_dir(out))
     assert meta["status"] == "interrupted"
