@@ -322,3 +322,10 @@ def test_capacity_takes_k_exactly_and_refuses_a_boolean_cf():
     assert capacity(1.0, 100, 10, 1.1) == 11
     with pytest.raises(RoutingError, match="capacity_factor"):
         build_router("switch", num_experts=4, capacity_factor=True)
+
+
+def test_capacity_refuses_an_empty_batch_and_batch_refuses_2d_token_ids():
+    with pytest.raises(RoutingError, match="num_tokens must be >= 1"):
+        capacity(1.0, 0, 4)
+    with pytest.raises(RoutingError, match="token_T must be a 1-D tensor"):
+        Batch(logits_TE=torch.zeros(2, 3), token_T=torch.zeros(2, 1, dtype=torch.int64))
