@@ -285,7 +285,7 @@ class RssSampler:
             return int(fh.read().split()[1]) * self._page
 
     @staticmethod
-    def _status_kib(field: str) -> int:
+    def _status_bytes(field: str) -> int:
         with open("/proc/self/status") as fh:
             for line in fh:
                 if line.startswith(field + ":"):
@@ -322,5 +322,5 @@ class RssSampler:
             self._stop.set()
             self._thread.join()
         else:
-            self.peak = max(self.peak, self._status_kib("VmHWM"))
+            self.peak = max(self.peak, self._status_bytes("VmHWM"))
         self.peak = max(self.peak, self.rss())

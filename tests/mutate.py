@@ -136,11 +136,6 @@ def retry_survivors(name: str) -> int:
     return n
 
 
-def _cr(tool: str, *args: str, cwd: Path, env: dict[str, str]) -> None:
-    exe = Path(sys.executable).with_name(tool)
-    subprocess.run([str(exe), *args], cwd=cwd, env=env, check=True)
-
-
 def _worker(index: int, modules: list[str], timeout: float) -> subprocess.Popen | None:
     """Start one worker: its copy, then init + filter + baseline + exec for each module in turn."""
     if not modules:
