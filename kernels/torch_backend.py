@@ -9,6 +9,8 @@ Shape letters: T tokens, D hidden, E experts, C capacity (padded), N kept assign
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -131,13 +133,43 @@ def permute_into(x_TD: torch.Tensor, d: Dispatch, layout: str, ws: Workspace) ->
     return buf.view(e, c, dim)
 
 
+def gate_matrix(d: Dispatch, layout: str, dtype: torch.dtype) -> torch.Tensor:
+    """combine as a sparse matrix: [T, M] CSR, row t holding token t's kept rows (columns: compact
+    rows, or padded slots) with their gates, in priority order. ``out_TD = G @ y_MD``."""
+    t = d.num_tokens
+    m = d.num_kept if layout == "compact" else d.num_experts * d.padded_capacity
+    order_N = token_major_order(d.token_N)
+    crow = torch.zeros(t + 1, dtype=torch.int64, device=d.device)
+    torch.cumsum(torch.bincount(d.token_N, minlength=t), 0, out=crow[1:])
+    col = (d.row_N if layout == "compact" else d.slot_N)[order_N]
+    gates = d.weight_N.detach()[order_N].to(dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, gates, size=(t, m), check_invariants=False)
+
+
+def _sparse_combine_runs(y: torch.Tensor) -> bool:
+    # One pass (a sparse-dense product writing the output once) where the sum is already in
+    # y's dtype: float32/float64 on a CPU. bf16/fp16 need their float32 upcast (three passes).
+    return y.device.type == "cpu" and y.dtype in (torch.float32, torch.float64)
+
+
 def combine_into(y: torch.Tensor, d: Dispatch, layout: str, ws: Workspace) -> torch.Tensor:
-    """``combine`` writing into reused buffers (forward only, no autograd): per kept row its gated
-    output, then one index_add into the zeroed [T, D] output, accumulated in float32."""
+    """``combine`` writing into a reused [T, D] buffer (forward only, no autograd), accumulated in
+    float32 (float64 for float64 y).
+
+    float32/float64 on a CPU: one sparse-dense product ``G @ y`` (:func:`gate_matrix`), which reads
+    each kept row once and writes each output row once. Otherwise three passes: the gated rows,
+    a zeroed output, one ``index_add_``.
+    """
     check_layout(layout, LAYOUTS)
     _check_y(y, d, layout)
     dim, acc = y.shape[-1], accumulate_dtype(y.dtype)
     y_MD = y.reshape(-1, dim)
+    out = ws.take("combine", (d.num_tokens, dim), acc, y.device)
+    if _sparse_combine_runs(y):
+        # beta=0: out's stale contents (NaN included) are ignored, not scaled.
+        return torch.addmm(out, gate_matrix(d, layout, acc), y_MD, beta=0, out=out)
     if layout == "compact":
         rows, token_by_row, w_by_row = y_MD, d.token_by_row_N, ws.take("w_rows", (d.num_kept,), acc, y.device)
         w_by_row.index_copy_(0, d.row_N, d.weight_N.to(acc))
@@ -146,10 +178,9 @@ def combine_into(y: torch.Tensor, d: Dispatch, layout: str, ws: Workspace) -> to
         token_by_row, w_by_row = d.token_N, d.weight_N.to(acc)
     gated = ws.take("gated", (d.num_kept, dim), acc, y.device)
     torch.mul(rows, w_by_row[:, None], out=gated)
-    out = ws.take("combine", (d.num_tokens, dim), acc, y.device)
     out.zero_()
     out.index_add_(0, token_by_row, gated)
-    return out if acc == y.dtype else out.to(y.dtype)
+    return out.to(y.dtype)
 
 
 BACKEND = Backend(

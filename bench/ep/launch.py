@@ -27,11 +27,11 @@ from moe_routing_bench.bench.ep.record import consolidate, load_ep_ranks, write_
 from moe_routing_bench.bench.ep.worker import CONFIGS_FILE
 from moe_routing_bench.bench.harness.plan import planned_bytes
 from moe_routing_bench.bench.harness.runner import check_timeout
-from moe_routing_bench.bench.harness.sweep import expand, load_blocks
+from moe_routing_bench.bench.harness.sweep import Point, expand, load_blocks
 from moe_routing_bench.bench.placement import check_spec, make_placement
 from moe_routing_bench.bench.record import RunDir, load_run, new_meta, recording
 from moe_routing_bench.bench.spec import DEFAULT, CapacityFactor, Notes, Spec
-from moe_routing_bench.bench.timing import check_fits, element_size, memory_budget_bytes, routing_bytes
+from moe_routing_bench.bench.timing import check_fits, element_size
 from moe_routing_bench.kernels.layer import list_backends
 from moe_routing_bench.routers.contract import RoutingError
 from moe_routing_bench.routers.registry import loaded_plugins
@@ -103,15 +103,24 @@ def ep_points(ep: EPSweep, notes: Notes | None = None) -> list[EPPoint]:
         "models": [ep.model] if ep.model else [],
     }
     points = expand(load_blocks(None, block), workload_names(), list_backends(), notes)
-    budget = memory_budget_bytes(block["device"])
-    for p in points:  # every rank builds the whole seeded expert set before taking its shard
-        need = ep.nproc * planned_bytes(p)
-        if need > budget:
-            raise RoutingError(
-                f"ep: {ep.nproc} ranks of {p.model or 'this layer'} need about {need / 2**30:.1f} GiB "
-                f"({need:,} bytes) > budget {budget / 2**30:.1f} GiB; use fewer tokens, ranks or experts"
-            )
+    gpu = ep.dist_backend == "nccl"  # one GPU per rank; on CPU the ranks share the host's memory
+    sharing = 1 if gpu else ep.nproc
+    for p in points:
+        check_fits(sharing * rank_bytes(p), _sizes(ep, p, sharing), block["device"])
     return [EPPoint(p, ep.nproc, ep.placement, owner_E, ep.dist_backend, ep.dump_dir) for p in points]
+
+
+def rank_bytes(p: Point) -> int:
+    """What one rank holds at least: the whole layer a single process would plan (every rank
+    builds the whole seeded expert set before taking its shard), plus its exchange buffers (the
+    rows it sends and receives, there and back: at most 4 T D elements)."""
+    return planned_bytes(p) + 4 * p.tokens * p.hidden * element_size(p.dtype)
+
+
+def _sizes(ep: EPSweep, p: Point, sharing: int) -> str:
+    who = f"{sharing} ranks sharing this host" if sharing > 1 else "one rank on its own device"
+    shape = f"--model {p.model}" if p.model else f"--experts {p.experts} x --hidden {p.hidden}"
+    return f"ep ({who}): --tokens {p.tokens} x {shape} ({p.router_label or p.router})"
 
 
 def launch(run: RunDir, nproc: int, timeout: float) -> tuple[int, str]:
@@ -206,10 +215,6 @@ def run_ep(
     """Validate, launch, record. Returns (run directory, torchrun's exit status, per-config summary)."""
     check_timeout(timeout)
     points = ep_points(ep, notes)
-    per_rank = routing_bytes(ep.tokens, ep.experts) + 4 * ep.tokens * ep.hidden * element_size(ep.dtype)
-    gpu = ep.dist_backend == "nccl"  # one GPU per rank; on CPU the ranks share the host's memory
-    what = f"--nproc {ep.nproc} x --tokens {ep.tokens} x --experts {ep.experts} x --hidden {ep.hidden}"
-    check_fits(per_rank if gpu else ep.nproc * per_rank, what, "cuda" if gpu else "cpu")
     if ep.dump_dir:
         Path(ep.dump_dir).mkdir(parents=True, exist_ok=True)
     run = RunDir.create(out_dir)

@@ -282,3 +282,27 @@ def test_ep_broken_plan_is_an_error_row_and_the_next_configuration_runs(broken_p
     by = rows.set_index("router")
     assert "capacity = -3" in by.loc["broken[how=capacity]", "error"] and by.loc["switch", "status"] == "ok"
     assert meta["status"] == "complete"
+
+
+def test_one_memory_check_per_rank_counts_the_ranks_that_share_memory(monkeypatch):
+    from moe_routing_bench.bench.ep.launch import EPSweep, ep_points, rank_bytes
+    from moe_routing_bench.bench.spec import Spec
+
+    ep = EPSweep(routers=[Spec("topk")], workloads=[Spec("uniform")], nproc=4, tokens=64, experts=8, hidden=32)
+    monkeypatch.delenv("MOE_BENCH_MEMORY_BUDGET", raising=False)
+    (point,) = ep_points(ep)
+    per_rank = rank_bytes(point.point)
+    assert per_rank > 4 * 64 * 32 * 4, "a rank holds its layer and its exchange buffers"
+    monkeypatch.setenv("MOE_BENCH_MEMORY_BUDGET", str(2 * per_rank))
+    # gloo: four ranks share this host's memory, 4x a rank > the budget
+    with pytest.raises(ValueError, match=r"ep \(4 ranks sharing this host\): --tokens 64 x --experts 8 x --hidden 32"):
+        ep_points(ep)
+    # nccl: each rank has its own GPU, so one rank against the budget
+    assert len(ep_points(dataclasses.replace(ep, dist_backend="nccl"))) == 1
+    monkeypatch.setenv("MOE_BENCH_MEMORY_BUDGET", str(per_rank - 1))
+    with pytest.raises(ValueError, match="one rank on its own device"):
+        ep_points(dataclasses.replace(ep, dist_backend="nccl"))
+    # a preset's shape, not the flags', is what is counted
+    monkeypatch.setenv("MOE_BENCH_MEMORY_BUDGET", str(10 * per_rank))
+    with pytest.raises(ValueError, match="--model mixtral-8x7b"):
+        ep_points(dataclasses.replace(ep, model="mixtral-8x7b"))
