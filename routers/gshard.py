@@ -129,10 +129,6 @@ class GShardConfig(BiasBalancedConfig):
         super().validate()
         if self.top_k != 2:
             raise RoutingError(f"gshard routes each token to at most two experts: top_k must be 2 (got {self.top_k})")
-        if self.num_experts < 2:
-            raise RoutingError(
-                f"gshard needs two experts to choose from: num_experts must be >= 2 (got {self.num_experts})"
-            )
         check_second_policy(self.second_policy)
 
 

@@ -131,8 +131,6 @@ class HierarchicalConfig(BiasBalancedConfig):
                 raise RoutingError(
                     f"hierarchical form 'nllb' runs GShard top-2 in its MoE branch: top_k must be 2 (got {self.top_k})"
                 )
-            if self.num_experts < 2:
-                raise RoutingError(f"form 'nllb' needs num_experts >= 2 (got {self.num_experts})")
             check_second_policy(self.second_policy)
             return
         g, e = self.num_groups, self.num_experts

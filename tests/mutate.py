@@ -17,8 +17,13 @@ as the module is unchanged (a session records the module's hash; a changed modul
 since Cosmic Ray finds its mutation sites by position). ``--retry-survivors`` runs the survivors
 of an unchanged module again against the current tests.
 
-Tests per module: the test files whose tests execute the module's rules (found by coverage), run
-with ``-x`` so a killed mutant costs one failing test. Operators left out: ``|`` replacements
+Tests per mutant, by coverage: a coverage run of every module's tests (once per tree, cached in
+build/mutate/coverage-<tree hash>.json; it is also the baseline, every test passing unmutated)
+records which tests execute each line; a mutant runs only the tests that execute its changed
+lines, quickest first, with ``-x`` (tests/mutate_runner.py). Each worker keeps one process that
+has imported torch and pytest and forks a pytest run per mutant, so a mutant costs about a
+second instead of a fresh interpreter's three plus its module's whole test files. Operators left
+out: ``|`` replacements
 (with ``from __future__ import annotations`` every ``int | None`` is a string: all equivalent),
 decorator removal (frozen dataclasses: killed by construction), and ``is``/``is not`` swaps of
 ``==`` (identity and equality of small ints and None coincide: equivalent here).
@@ -27,6 +32,7 @@ decorator removal (frozen dataclasses: killed by construction), and ``is``/``is 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sqlite3
@@ -39,7 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "build" / "mutate"
 PACKAGES = ("bench", "routers", "kernels", "workloads")
 
-# module -> (path, tests that exercise it)
+# module -> (path, its whole test list: what a mutant runs when coverage cannot narrow it down)
+_ROUTER_TESTS = ["tests/routers"]
 SCOPE: dict[str, tuple[str, list[str]]] = {
     "positions": (
         "kernels/positions.py",
@@ -56,7 +63,27 @@ SCOPE: dict[str, tuple[str, list[str]]] = {
     ),
     "metrics": ("bench/metrics.py", ["tests/bench/test_metrics.py"]),
     "dispatch": ("kernels/dispatch.py", ["tests/kernels/test_backends.py", "tests/bench/test_moe_layer.py"]),
+    # each router, and the selection and balancing rules they share
+    **{
+        name: (f"routers/{name}.py", _ROUTER_TESTS)
+        for name in (
+            "switch",
+            "topk",
+            "gshard",
+            "expert_choice",
+            "hashing",
+            "hierarchical",
+            "sinkhorn",
+            "topp",
+            "dense",
+            "selection",
+            "balancing",
+        )
+    },
 }
+# What the coverage run executes (once per tree): every test file above, whole.
+COVERAGE_TESTS = ["tests/kernels/test_backends.py", "tests/bench/test_moe_layer.py", "tests/bench/test_metrics.py",
+                  "tests/routers"]  # fmt: skip
 EXCLUDED_OPERATORS = [
     "core/ReplaceBinaryOperator_BitOr_.*",
     "core/RemoveDecorator",
@@ -64,18 +91,22 @@ EXCLUDED_OPERATORS = [
 ]
 
 
-def _copy_tree(dest: Path) -> Path:
-    """The tracked files (and untracked, not ignored) into dest/repo, with dest/pkgroot links."""
-    repo = dest / "repo"
-    if repo.exists():
-        shutil.rmtree(repo)
-    files = subprocess.run(
+def _tree_files() -> list[str]:
+    return subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
         cwd=REPO,
         capture_output=True,
         text=True,
         check=True,
     ).stdout.split()
+
+
+def _copy_tree(dest: Path) -> Path:
+    """The tracked files (and untracked, not ignored) into dest/repo, with dest/pkgroot links."""
+    repo = dest / "repo"
+    if repo.exists():
+        shutil.rmtree(repo)
+    files = _tree_files()
     for rel in files:
         src = REPO / rel
         if src.is_file() and not rel.startswith("results/"):
@@ -91,11 +122,9 @@ def _copy_tree(dest: Path) -> Path:
     return repo
 
 
-def _config(name: str, timeout: float) -> str:
-    path, tests = SCOPE[name]
-    cmd = f"{sys.executable} -m pytest -x -q -p no:cacheprovider " + " ".join(
-        f"'{t}'" if " " in t else t for t in tests
-    )
+def _config(name: str, timeout: float, worker: Path) -> str:
+    path = SCOPE[name][0]
+    cmd = f"{sys.executable} {REPO / 'tests' / 'mutate_runner.py'} run {worker} {name}"
     excluded = ", ".join(f'"{op}"' for op in EXCLUDED_OPERATORS)
     return (
         "[cosmic-ray]\n"
@@ -136,42 +165,124 @@ def retry_survivors(name: str) -> int:
     return n
 
 
-def _worker(index: int, modules: list[str], timeout: float) -> subprocess.Popen | None:
-    """Start one worker: its copy, then init + filter + baseline + exec for each module in turn."""
+def _worker(index: int, modules: list[str], timeout: float, covmap: Path) -> subprocess.Popen | None:
+    """Start one worker: its copy, its test server, then init + filter + exec for each module."""
     if not modules:
         return None
     dest = WORK / f"w{index}"
     repo = _copy_tree(dest)
+    spec = {}
+    for name in modules:
+        path, tests = SCOPE[name]
+        (dest / "pristine" / path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / path, dest / "pristine" / path)
+        spec[name] = {"path": path, "fallback": tests, "coverage": str(covmap), "timeout": timeout}
+    (dest / "runner.json").write_text(json.dumps(spec, indent=1))
     steps = []
     for name in modules:
         cfg, session = WORK / f"{name}.toml", WORK / f"{name}.sqlite"
-        cfg.write_text(_config(name, timeout))
+        cfg.write_text(_config(name, timeout, dest))
         _drop_if_stale(name)
         if not session.exists():
             steps.append(f"cosmic-ray init {cfg} {session}")
             steps.append(f"cr-filter-operators {session} {cfg}")
         steps.append(f"cosmic-ray exec {cfg} {session}")
+    env = _env(dest)
+    log = open(WORK / f"w{index}.log", "w")  # noqa: SIM115 - closed when the process ends
+    sock = dest / "server.sock"
+    sock.unlink(missing_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "mutate_runner.py"), "serve", str(sock), str(timeout)],
+        cwd=repo,
+        env=env,
+        stdout=log,
+        stderr=log,
+    )
+    for _ in range(600):  # the server imports torch before it listens
+        if sock.exists() or server.poll() is not None:
+            break
+        time.sleep(0.1)
+    if server.poll() is not None:
+        sys.exit(f"worker {index}: the test server did not start; see {WORK}/w{index}.log")
+    # The server stops with the worker's shell.
+    script = " && ".join(steps) + f"; code=$?; kill {server.pid}; exit $code"
+    return subprocess.Popen(["bash", "-c", script], cwd=repo, env=env, stdout=log, stderr=log)
+
+
+def _env(dest: Path) -> dict[str, str]:
     bindir = Path(sys.executable).parent
-    env = {
+    return {
         **os.environ,
         "PYTHONPATH": str(dest / "pkgroot"),
         "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}",
         "OMP_NUM_THREADS": "1",
     }
-    log = open(WORK / f"w{index}.log", "w")  # noqa: SIM115 - closed when the process ends
-    return subprocess.Popen(["bash", "-ec", " && ".join(steps)], cwd=repo, env=env, stdout=log, stderr=log)
 
 
-def _baseline(timeout: float, first: int = 0) -> None:
-    """Every module's tests pass unmutated in a worker copy (else every mutant looks killed)."""
-    dest = WORK / f"baseline{first or ''}"
+def _tree_hash() -> str:
+    """Hash of the tracked (and untracked, not ignored) files' contents, results/ aside."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for rel in sorted(_tree_files()):
+        if (REPO / rel).is_file() and not rel.startswith("results/"):
+            h.update(rel.encode() + b"\0" + (REPO / rel).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def coverage_map(timeout: float) -> Path:
+    """Per module line, the tests whose run executed it: built once per tree. It is also the
+    baseline: every test passes unmutated (else every mutant would look killed)."""
+    out = WORK / f"coverage-{_tree_hash()}.json"
+    if out.exists():
+        return out
+    dest = WORK / "baseline"
     repo = _copy_tree(dest)
-    env = {**os.environ, "PYTHONPATH": str(dest / "pkgroot")}
-    for name, (_, tests) in SCOPE.items():
-        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
-        res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout * 10)
-        if res.returncode != 0:
-            sys.exit(f"baseline: the tests of {name} fail unmutated:\n{res.stdout[-2000:]}")
+    data = WORK / "coverage.sqlite"
+    data.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--cov=moe_routing_bench",
+           "--cov-context=test", "--cov-report=", f"--junitxml={WORK / 'durations.xml'}", *COVERAGE_TESTS]  # fmt: skip
+    print(f"coverage run (the baseline), once for this tree: pytest {' '.join(cmd[3:])}", flush=True)
+    env = {**_env(dest), "COVERAGE_FILE": str(data)}
+    res = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout * 30)
+    if res.returncode != 0:
+        sys.exit(f"baseline: the tests fail unmutated:\n{res.stdout[-3000:]}")
+    import coverage
+
+    cov = coverage.CoverageData(basename=str(data))
+    cov.read()
+    paths = {path for path, _ in SCOPE.values()}
+    table: dict[str, dict[str, list[str]]] = {}
+    for measured in cov.measured_files():
+        rel = next((p for p in paths if measured.endswith("/" + p)), None)
+        if rel is None:
+            continue
+        by_line = table.setdefault(rel, {})
+        for line, contexts in cov.contexts_by_lineno(measured).items():
+            ids = sorted({c.split("|")[0] for c in contexts if c})
+            if ids:
+                by_line[str(line)] = ids
+    if paths - set(table):
+        sys.exit(f"coverage recorded nothing for {sorted(paths - set(table))}: check COVERAGE_TESTS")
+    table["_seconds"] = _durations(WORK / "durations.xml")  # type: ignore[assignment]
+    out.write_text(json.dumps(table))
+    return out
+
+
+def _durations(junit: Path) -> dict[str, float]:
+    """Each test's seconds in the coverage run, by node id (a mutant runs its cheapest first)."""
+    import xml.etree.ElementTree as ET
+
+    seconds = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        parts = case.get("classname", "").split(".")
+        # classname: tests.pkg.test_mod[.Class]; the file is the longest prefix that exists
+        for cut in range(len(parts), 0, -1):
+            if (REPO / ("/".join(parts[:cut]) + ".py")).is_file():
+                nodeid = "::".join(["/".join(parts[:cut]) + ".py", *parts[cut:], case.get("name", "")])
+                seconds[nodeid] = float(case.get("time", 0) or 0)
+                break
+    return seconds
 
 
 def report(modules: list[str], show_survivors: bool = True) -> list[dict]:
@@ -246,10 +357,12 @@ def main() -> None:
     if args.retry_survivors:
         for m in modules:
             print(f"{SCOPE[m][0]}: {retry_survivors(m)} survivors to run again")
-    _baseline(args.timeout, args.first_worker)
+    covmap = coverage_map(args.timeout)
     start = time.time()
     groups = [modules[i :: args.workers] for i in range(args.workers)]
-    procs = [p for i, g in enumerate(groups) if (p := _worker(args.first_worker + i, g, args.timeout)) is not None]
+    procs = [
+        p for i, g in enumerate(groups) if (p := _worker(args.first_worker + i, g, args.timeout, covmap)) is not None
+    ]
     codes = [p.wait() for p in procs]
     print(f"mutation run: {time.time() - start:.0f} s on {len(procs)} workers (logs: {WORK}/w*.log)")
     report(modules)

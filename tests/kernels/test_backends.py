@@ -556,3 +556,49 @@ def test_make_dispatch_array_lengths_an_empty_batch_and_buffer_bytes_edges():
     assert analytic_buffer_bytes(d, 1, torch.float32, "compact") == 2 * 1 * 4  # D = 1 is a size
     with pytest.raises(ValueError, match=r"hidden must be an integer >= 1 \(got 0\)"):
         analytic_buffer_bytes(d, 0, torch.float32, "compact")
+
+
+def _never_positions(expert_R, num_experts):
+    raise AssertionError("make_dispatch must refuse a broken plan before a positions kernel sees it")
+
+
+@pytest.mark.parametrize(
+    ("token_R", "expert_R", "weight_R", "match"),
+    [
+        # ids out of range, each side alone (a kernel's positions need not check: make_dispatch must)
+        ([0, 5], [0, 1], [1.0, 1.0], r"token_R values must lie in \[0, 4\) \(got 0..5\)"),
+        ([-1, 1], [0, 1], [1.0, 1.0], r"token_R values must lie in \[0, 4\) \(got -1..1\)"),
+        ([0, 1], [-1, 1], [1.0, 1.0], r"expert_R values must lie in \[0, 3\) \(got -1..1\)"),
+        ([0, 1], [0, 5], [1.0, 1.0], r"expert_R values must lie in \[0, 3\) \(got 0..5\)"),
+        ([0, 1], [0, 3], [1.0, 1.0], r"expert_R values must lie in \[0, 3\) \(got 0..3\)"),
+        # lengths: either other array longer or shorter than token_R
+        ([0, 1], [0], [1.0, 1.0], r"equal lengths \(got 2, 1, 2\)"),
+        ([0, 1], [0, 1, 2], [1.0, 1.0], r"equal lengths \(got 2, 3, 2\)"),
+        ([0, 1], [0, 1], [1.0], r"equal lengths \(got 2, 2, 1\)"),
+        ([0, 1], [0, 1], [1.0, 1.0, 1.0], r"equal lengths \(got 2, 2, 3\)"),
+        # a 0-d tensor is not 1-D
+        (3, [0], [1.0], r"token_R must be a 1-D tensor \[R\]"),
+    ],
+)
+def test_make_dispatch_refuses_a_broken_plan_before_positions(token_R, expert_R, weight_R, match):
+    with pytest.raises(ValueError, match=match):
+        make_dispatch(torch.tensor(token_R), torch.tensor(expert_R), torch.tensor(weight_R), 4, 3, None,
+                      positions_fn=_never_positions)  # fmt: skip
+
+
+@pytest.mark.parametrize("which", ["expert_R", "weight_R"])
+def test_make_dispatch_refuses_arrays_on_two_devices(which):
+    arrays = {"token_R": torch.tensor([0, 1]), "expert_R": torch.tensor([0, 1]), "weight_R": torch.ones(2)}
+    arrays[which] = arrays[which].to("meta")
+    with pytest.raises(ValueError, match="must be on one device"):
+        make_dispatch(**arrays, num_tokens=4, num_experts=3, capacity=None, positions_fn=_never_positions)
+
+
+def test_a_dispatch_is_frozen_and_hashed_by_identity():
+    import dataclasses
+
+    d = make_dispatch(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.ones(2), 2, 2, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.capacity = 3  # type: ignore[misc]
+    twin = make_dispatch(torch.tensor([0, 1]), torch.tensor([0, 1]), torch.ones(2), 2, 2, None)
+    assert d != twin and len({d, twin}) == 2, "compared by identity: tensors have no truth value to compare"

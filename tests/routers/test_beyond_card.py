@@ -248,3 +248,87 @@ def test_switch_probs_policy_is_batch_prioritized_routing(make_batch):
     by_name = build_router("switch", num_experts=3, batch_prioritized=True).route(b)
     by_policy = build_router("switch", num_experts=3, drop_policy="probs").route(b)
     assert by_policy.token_R.tolist() == by_name.token_R.tolist() == [3, 4, 1, 5, 2, 0]
+
+
+def _biased(name, e, make_batch, **opts):
+    """A router whose bias, after one batch that sent every token to the first K experts, is -1
+    on those and +1 on the rest (rate 1: larger than any probability gap)."""
+    router = build_router(name, num_experts=e, bias_update_rate=1.0, capacity_factor=None, **opts)
+    router.update(router.route(make_batch(torch.tensor([[9.0, 5.0] + [0.0] * (e - 2)] * 8))))
+    k = router.config.top_k
+    assert router.expert_bias.tolist() == [-1.0] * k + [1.0] * (e - k)
+    return router
+
+
+def test_switch_under_bias_selects_on_biased_scores_and_gates_with_unbiased_ones(make_batch):
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0], [2.0, 0.5, 1.5, 0.0], [0.0, 0.0, 4.0, 0.0]])
+    plan = _biased("switch", 4, make_batch).route(make_batch(logits))
+    probs = torch.softmax(logits, -1)
+    chosen = (probs + torch.tensor([-1.0, 1.0, 1.0, 1.0])).argmax(-1)
+    assert plan.expert_R.tolist() == chosen.tolist() == [1, 2, 2]
+    torch.testing.assert_close(plan.weight_R, probs[torch.arange(3), chosen])
+    torch.testing.assert_close(plan.z_loss, torch.logsumexp(logits, -1).pow(2).mean())
+
+
+def test_gshard_under_bias_gates_and_z_loss_by_hand(make_batch):
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0], [2.0, 0.5, 1.5, 0.0]])
+    plan = _biased("gshard", 4, make_batch, second_policy="always").route(make_batch(logits))
+    probs = torch.softmax(logits, -1)
+    top = (probs + torch.tensor([-1.0, -1.0, 1.0, 1.0])).topk(2, dim=-1).indices  # experts 2 and 3
+    p = probs.gather(1, top)
+    gates = p / p.sum(-1, keepdim=True)
+    assert plan.expert_R.tolist() == top.t().reshape(-1).tolist()
+    torch.testing.assert_close(plan.weight_R, gates.t().reshape(-1))
+    # z-loss from the true logsumexp, not from the first choice's probability (which is not the
+    # largest once the bias has steered the choice)
+    torch.testing.assert_close(plan.z_loss, torch.logsumexp(logits, -1).pow(2).mean())
+
+
+def test_gshard_gates_stay_finite_when_both_chosen_probabilities_underflow(make_batch):
+    # The bias steers the choice to experts 2 and 3, whose float32 probabilities are exactly 0.
+    logits = torch.tensor([[0.0, 0.0, -200.0, -200.0]])
+    plan = _biased("gshard", 4, make_batch, second_policy="always").route(make_batch(logits))
+    assert torch.softmax(logits, -1)[0, 2:].tolist() == [0.0, 0.0]
+    assert plan.expert_R.tolist() == [2, 3] and torch.isfinite(plan.weight_R).all()
+
+
+def test_gshard_needs_two_experts_and_takes_exactly_two(make_batch):
+    with pytest.raises(RoutingError, match=r"top_k must be between 1 and num_experts = 1 \(got 2\)"):
+        build_router("gshard", num_experts=1)
+    plan = build_router("gshard", num_experts=2, second_policy="always").route(make_batch(torch.tensor([[1.0, 0.0]])))
+    assert plan.expert_R.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize(
+    ("opts", "match"),
+    [
+        ({"p": 0.0}, r"p must be a number in \(0, 1\] \(got 0.0\)"),
+        ({"p": -0.5}, r"p must be a number in \(0, 1\] \(got -0.5\)"),
+        ({"p": True}, r"p must be a number in \(0, 1\] \(got True\)"),
+        ({"min_k": True}, r"min_k must be an integer >= 1 \(got True\)"),
+        ({"max_k": 0}, r"max_k must be an integer >= 1 \(got 0\)"),
+        ({"min_k": 0}, r"min_k must be an integer >= 1 \(got 0\)"),
+    ],
+)
+def test_topp_config_errors(opts, match):
+    with pytest.raises(RoutingError, match=match):
+        build_router("topp", num_experts=4, **opts)
+
+
+def test_topp_bounds_and_defaults(make_batch):
+    cfg = build_router("topp", num_experts=8).config
+    assert (cfg.p, cfg.min_k, cfg.max_k, cfg.capacity_factor, cfg.top_k) == (0.4, 1, 4, None, 1)
+    logits = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
+    # p = 1 is allowed (every expert up to max_k); max_k = 1 is allowed (top-1)
+    assert build_router("topp", num_experts=4, p=1.0).route(make_batch(logits)).expert_R.numel() == 4
+    assert build_router("topp", num_experts=4, max_k=1).route(make_batch(logits)).expert_R.tolist() == [0]
+
+
+def test_top_p_counts_never_exceed_the_candidates():
+    from moe_routing_bench.routers.topp import top_p_counts
+
+    # M = 2 candidates of 8 experts whose sum stays below p: every row takes both, never 3,
+    # whatever the number of rows.
+    sorted_prob = torch.full((5, 2), 0.1)
+    assert top_p_counts(sorted_prob, 0.9, 1).tolist() == [2] * 5
+    assert top_p_counts(torch.tensor([[0.6, 0.3], [0.2, 0.1]]), 0.5, 1).tolist() == [1, 2]

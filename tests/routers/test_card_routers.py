@@ -530,3 +530,111 @@ def test_gshard_aux_loss_uses_requests_per_token_and_is_one_at_balance(make_batc
     p_mean = torch.softmax(logits, -1).mean(0).double()
     torch.testing.assert_close(plan.aux_loss.double(), e / r * (load * p_mean).sum(), rtol=1e-5, atol=1e-6)
     assert abs(float(plan.aux_loss) - 1.0) < 0.05
+
+
+def test_nllb_level1_gate_weight_is_seeded_normal_with_variance_one_over_d():
+    for seed, d in [(0, 6), (3, 64)]:
+        got = build_router("hierarchical", form="nllb", num_experts=4, seed=seed).gate_weight(d, torch.device("cpu"))
+        want = torch.randn(d, generator=torch.Generator().manual_seed(seed * 1_000_003 + d)) / d**0.5
+        assert torch.equal(got, want)
+
+
+def test_sigmoid_share_mean_by_hand_with_an_underflowing_row():
+    from moe_routing_bench.routers.hierarchical import sigmoid_share_mean
+
+    # Row 1's sigmoids all underflow in float32; float64 still holds them, so the ratio is exact.
+    logits = torch.tensor([[0.5, -1.0, 2.0], [-110.0, -105.0, -108.0], [-120.0, -121.0, -100.0]])
+    scores = torch.sigmoid(logits)
+    assert scores[1].sum() < 1e-30 and scores[2].sum() < 1e-30
+    s64 = torch.sigmoid(logits.double())
+    want = (s64 / s64.sum(-1, keepdim=True)).mean(0)
+    torch.testing.assert_close(sigmoid_share_mean(logits, scores).double(), want, rtol=1e-5, atol=1e-7)
+    # and its gradient is finite through both branches
+    x = logits.clone().requires_grad_(True)
+    sigmoid_share_mean(x, torch.sigmoid(x)).pow(2).sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("opts", "match"),
+    [
+        (
+            {"top_k": 9},
+            r"top_k must be <= topk_group \* num_experts / num_groups = 8, the experts in the kept "
+            r"groups \(got 9\)",
+        ),
+        ({"num_groups": 0}, r"num_groups must be a divisor of num_experts = 16 \(got 0\)"),
+        ({"num_groups": 3}, r"num_groups must be a divisor of num_experts = 16 \(got 3\)"),
+        ({"topk_group": 0}, r"topk_group must be an integer between 1 and num_groups = 4 \(got 0\)"),
+        ({"topk_group": 5}, r"topk_group must be an integer between 1 and num_groups = 4 \(got 5\)"),
+    ],
+)
+def test_hierarchical_groups_config_errors(opts, match):
+    with pytest.raises(RoutingError, match=match):
+        build_router("hierarchical", **{"num_experts": 16, "num_groups": 4, "topk_group": 2, **opts})
+
+
+@pytest.mark.parametrize("opts", [{"num_groups": 1, "topk_group": 1}, {"num_groups": 4, "topk_group": 4}])
+def test_hierarchical_groups_edges_are_plain_topk(make_batch, opts):
+    # One group, or every group kept: the group limit removes nothing, so top-K of the scores.
+    logits = torch.randn(12, 16, generator=torch.Generator().manual_seed(4))
+    plan = build_router("hierarchical", num_experts=16, top_k=3, **opts).route(make_batch(logits))
+    want = torch.sigmoid(logits).topk(3, dim=-1).indices
+    assert plan.expert_R.tolist() == want.t().reshape(-1).tolist()
+
+
+def test_group_limited_topk_by_hand_with_three_experts_per_group():
+    from moe_routing_bench.routers.hierarchical import group_limited_topk
+
+    # E = 6, two groups of P = 3 (not a power of two: expert = group * P + local, an addition).
+    scores = torch.tensor([[0.1, 0.2, 0.3, 0.9, 0.8, 0.0], [0.5, 0.6, 0.1, 0.0, 0.4, 0.3]])
+    # row 0: group sums of top-2: g0 = .5, g1 = 1.7 -> keep g1 -> experts 3, 4
+    # row 1: g0 = 1.1, g1 = .7 -> keep g0 -> experts 1, 0
+    assert group_limited_topk(scores, 2, 1, 2).tolist() == [[3, 4], [1, 0]]
+    # both groups kept: the best experts overall, expert ids from both groups
+    assert group_limited_topk(scores, 2, 2, 3).tolist() == [[3, 4, 2], [1, 0, 4]]
+
+
+def test_hierarchical_needs_hidden_only_for_nllb_with_its_own_gate():
+    assert build_router("hierarchical", num_experts=8).needs_hidden is False  # groups (gate_source ignored)
+    assert build_router("hierarchical", num_experts=8, gate_source="logit_column").needs_hidden is False
+    assert build_router("hierarchical", form="nllb", num_experts=8).needs_hidden is True
+    nllb_col = build_router("hierarchical", form="nllb", num_experts=8, gate_source="logit_column")
+    assert nllb_col.needs_hidden is False
+
+
+def test_hierarchical_logit_column_wants_exactly_e_plus_one_columns(make_batch):
+    router = build_router("hierarchical", form="nllb", num_experts=4, gate_source="logit_column")
+    for cols in (4, 6):
+        with pytest.raises(RoutingError, match=rf"num_experts \+ 1 = 5 columns, the last being .* \(got {cols}\)"):
+            router.route(make_batch(torch.zeros(3, cols)))
+    plan = router.route(make_batch(torch.randn(3, 5, generator=torch.Generator().manual_seed(0))))
+    assert plan.top_k == 2 and plan.num_experts == 4
+    # the groups form ignores gate_source: E columns route
+    groups = build_router("hierarchical", num_experts=8, gate_source="logit_column")
+    assert groups.route(make_batch(torch.zeros(3, 8))).num_experts == 8
+
+
+def test_hierarchical_defaults_are_deepseek_like():
+    cfg = build_router("hierarchical", num_experts=8).config
+    assert (cfg.form, cfg.score_func, cfg.num_groups, cfg.topk_group, cfg.top_k) == ("groups", "sigmoid", 4, 2, 2)
+    assert (cfg.norm_topk_prob, cfg.capacity_factor) == (True, None)
+
+
+def test_hash_is_splitmix64_on_its_published_first_output():
+    # splitmix64 seeded with 0 first returns 0xE220A8397B1DCDAF (Steele, Lea and Flood 2014;
+    # the vector xoshiro's authors publish): id 0 with seed 0 is that state. The hash keeps the top
+    # 63 bits, so with E above 2**62 nothing is folded away.
+    first = 0xE220A8397B1DCDAF
+    assert hash_experts_reference(0, 0, 1 << 63) == first >> 1
+    e = (1 << 62) + 1
+    assert hash_experts(torch.tensor([0]), 0, e).item() == (first >> 1) % e
+
+
+def test_as_int64_wraps_at_two_to_the_63():
+    from moe_routing_bench.routers.hashing import _as_int64
+
+    assert _as_int64((1 << 63) - 1) == (1 << 63) - 1
+    assert _as_int64(1 << 63) == -(1 << 63)
+    assert _as_int64((1 << 64) - 1) == -1
+    assert _as_int64((1 << 64) + 5) == 5

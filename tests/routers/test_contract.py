@@ -119,6 +119,7 @@ def test_batch_validation_names_the_parameter():
         ({"capacity_factor": float("nan")}, "capacity_factor must be a finite number"),
         ({"drop_policy": "lottery"}, "drop_policy must be one of 'position', 'probs', 'random'"),
         ({"bias_update_rate": -0.1}, "bias_update_rate must be a finite number >= 0"),
+        ({"seed": -1}, "seed must be an integer >= 0"),
         ({"colour": "red"}, "unknown router option 'colour'; valid options: num_experts"),
         ({"top_k": "two"}, "router option top_k must be int"),
     ],
@@ -151,6 +152,10 @@ def test_plan_validates_its_arrays():
             None,
             1,
         )
+    # a 2-D token_R is refused whatever the other arrays' length (one row, or none)
+    for token_R, n in [(torch.zeros(1, 1, dtype=torch.int64), 1), (torch.zeros(0, 2, dtype=torch.int64), 0)]:
+        with pytest.raises(RoutingError, match="1-D of one length"):
+            Plan(token_R, torch.zeros(n, dtype=torch.int64), torch.zeros(n), 3, 2, None, 1)
 
 
 def test_stateful_is_true_only_for_routers_that_update():
@@ -329,3 +334,17 @@ def test_capacity_refuses_an_empty_batch_and_batch_refuses_2d_token_ids():
         capacity(1.0, 0, 4)
     with pytest.raises(RoutingError, match="token_T must be a 1-D tensor"):
         Batch(logits_TE=torch.zeros(2, 3), token_T=torch.zeros(2, 1, dtype=torch.int64))
+
+
+def test_shared_defaults_are_the_documented_ones():
+    # Rows record every option; a silently changed default would change every "default" row.
+    for name in ("switch", "topk", "gshard", "expert_choice", "hash", "hierarchical", "sinkhorn", "topp"):
+        cfg = build_router(name, num_experts=8).config
+        assert (cfg.seed, cfg.min_capacity) == (0, 0), name
+
+
+def test_expert_choice_k_defaults_to_two(make_batch):
+    # DESIGN: K defaults to 2, matching top-2's compute: C = ceil(T K cf / E)
+    router = build_router("expert_choice", num_experts=8)
+    assert router.config.top_k == 2
+    assert router.route(make_batch(torch.zeros(64, 8))).capacity == 16

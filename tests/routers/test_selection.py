@@ -83,3 +83,28 @@ def test_groups_ties_go_to_the_lower_group_then_the_lower_expert():
     logits[:, 8:] = 1.0
     plan = router.route(Batch(logits_TE=logits, token_T=torch.arange(5)))
     assert plan.expert_R.view(3, 5).t().tolist() == [[8, 9, 10]] * 5
+
+
+def test_tie_keys_keep_values_that_differ_below_one_ulp_of_one_apart():
+    # The inner tie (5, 5) sends the row through the int64 keys; 2e-9 > 1e-9 must still order
+    # above it (a key built from v - 1 would merge them and hand the slot to the lower index).
+    x = torch.tensor([[1e-9, 2e-9, 5.0, 5.0]])
+    assert top_indices(x, 3).tolist() == [[2, 3, 1]]
+    # -0.0 and +0.0 are one score: the lower index wins
+    assert top_indices(torch.tensor([[0.0, -0.0, 1.0, 1.0]]), 3).tolist() == [[2, 3, 0]]
+    assert top_indices(torch.tensor([[-0.0, 0.0, 1.0, 1.0]]), 3).tolist() == [[2, 3, 0]]
+
+
+def test_tie_keys_order_negative_scores_to_the_last_bit():
+    # Negative floats need their 31 low bits flipped to order as integers; every one of those bits
+    # counts: -1.0 (0xBF800000) is above -1.0000001 (0xBF800001), which differs in bit 0 only.
+    below = torch.tensor(0xBF800001 - (1 << 32), dtype=torch.int32).view(torch.float32).item()
+    assert below < -1.0
+    assert top_indices(torch.tensor([[below, -1.0, 5.0, 5.0]]), 3).tolist() == [[2, 3, 1]]
+    assert top_indices(torch.tensor([[-2.0, -1.0, 5.0, 5.0]]), 3).tolist() == [[2, 3, 1]]
+
+
+@pytest.mark.parametrize("k", [True, 0, 5, 2.0])
+def test_top_indices_refuses_a_k_that_is_not_an_integer_in_range(k):
+    with pytest.raises(ValueError, match=r"k must be an integer between 1 and the 4 columns"):
+        top_indices(torch.zeros(2, 4), k)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from moe_routing_bench.kernels.positions import kept_mask, positions
+from moe_routing_bench.routers.contract import RoutingError
 from moe_routing_bench.routers.registry import build_router
 
 
@@ -63,6 +64,47 @@ def test_switch_jitter_is_seeded_and_off_by_default(make_batch):
     a3 = build_router("switch", num_experts=8, jitter=0.5, seed=4).route(b)
     assert torch.equal(a1.expert_R, a2.expert_R) and torch.equal(a1.weight_R, a2.weight_R)
     assert not torch.equal(a1.weight_R, a3.weight_R)
+
+
+def test_switch_jitter_by_hand(make_batch):
+    # Multiplicative noise U(1 - j, 1 + j) from the router's seeded generator; selection and gates
+    # both from the jittered logits.
+    t, e, j, seed = 32, 8, 0.3, 7
+    logits = torch.randn(t, e, generator=torch.Generator().manual_seed(1))
+    plan = build_router("switch", num_experts=e, jitter=j, seed=seed, capacity_factor=None).route(make_batch(logits))
+    noise = torch.empty(t, e).uniform_(1 - j, 1 + j, generator=torch.Generator().manual_seed(seed))
+    probs = torch.softmax(logits * noise, -1)
+    assert plan.expert_R.tolist() == probs.argmax(-1).tolist()
+    torch.testing.assert_close(plan.weight_R, probs.max(-1).values)
+    assert not torch.equal(probs.argmax(-1), torch.softmax(logits, -1).argmax(-1)), "the noise changed a choice"
+
+
+def test_switch_without_jitter_draws_no_noise(make_batch):
+    # jitter = 0 leaves the generator alone: the random drop order is the seed's first permutation.
+    logits = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+    plan = build_router("switch", num_experts=4, drop_policy="random", seed=5).route(make_batch(logits))
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(5))
+    assert plan.token_R.tolist() == order.tolist()
+
+
+@pytest.mark.parametrize(
+    ("opts", "match"),
+    [
+        ({"jitter": -0.5}, r"jitter must be in \[0, 1\)"),
+        ({"jitter": 1.0}, r"jitter must be in \[0, 1\)"),
+        ({"jitter": "x"}, r"jitter"),
+        ({"batch_prioritized": 2}, "batch_prioritized must be true or false"),
+    ],
+)
+def test_switch_config_errors(opts, match):
+    with pytest.raises(RoutingError, match=match):
+        build_router("switch", num_experts=4, **opts)
+
+
+def test_switch_capacity_factor_defaults_to_one(make_batch):
+    router = build_router("switch", num_experts=8)
+    assert router.config.capacity_factor == 1.0
+    assert router.route(make_batch(torch.zeros(64, 8))).capacity == 8  # ceil(64 * 1 / 8 * 1.0)
 
 
 def test_switch_aux_loss_by_hand(make_batch):
