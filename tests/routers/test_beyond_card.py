@@ -290,6 +290,8 @@ def test_gshard_gates_stay_finite_when_both_chosen_probabilities_underflow(make_
     plan = _biased("gshard", 4, make_batch, second_policy="always").route(make_batch(logits))
     assert torch.softmax(logits, -1)[0, 2:].tolist() == [0.0, 0.0]
     assert plan.expert_R.tolist() == [2, 3] and torch.isfinite(plan.weight_R).all()
+    # the z-loss's logsumexp does not go through the chosen (underflowed) probability either
+    torch.testing.assert_close(plan.z_loss, torch.logsumexp(logits, -1).pow(2).mean())
 
 
 def test_gshard_needs_two_experts_and_takes_exactly_two(make_batch):

@@ -567,6 +567,8 @@ def test_sigmoid_share_mean_by_hand_with_an_underflowing_row():
         ({"num_groups": 3}, r"num_groups must be a divisor of num_experts = 16 \(got 3\)"),
         ({"topk_group": 0}, r"topk_group must be an integer between 1 and num_groups = 4 \(got 0\)"),
         ({"topk_group": 5}, r"topk_group must be an integer between 1 and num_groups = 4 \(got 5\)"),
+        ({"topk_group": True}, r"topk_group must be an integer between 1 and num_groups = 4 \(got True\)"),
+        ({"num_groups": True}, r"num_groups must be a divisor of num_experts = 16 \(got True\)"),
     ],
 )
 def test_hierarchical_groups_config_errors(opts, match):
@@ -604,12 +606,12 @@ def test_hierarchical_needs_hidden_only_for_nllb_with_its_own_gate():
 
 
 def test_hierarchical_logit_column_wants_exactly_e_plus_one_columns(make_batch):
-    router = build_router("hierarchical", form="nllb", num_experts=4, gate_source="logit_column")
-    for cols in (4, 6):
-        with pytest.raises(RoutingError, match=rf"num_experts \+ 1 = 5 columns, the last being .* \(got {cols}\)"):
+    router = build_router("hierarchical", form="nllb", num_experts=5, gate_source="logit_column")
+    for cols in (5, 7):
+        with pytest.raises(RoutingError, match=rf"num_experts \+ 1 = 6 columns, the last being .* \(got {cols}\)"):
             router.route(make_batch(torch.zeros(3, cols)))
-    plan = router.route(make_batch(torch.randn(3, 5, generator=torch.Generator().manual_seed(0))))
-    assert plan.top_k == 2 and plan.num_experts == 4
+    plan = router.route(make_batch(torch.randn(3, 6, generator=torch.Generator().manual_seed(0))))
+    assert plan.top_k == 2 and plan.num_experts == 5
     # the groups form ignores gate_source: E columns route
     groups = build_router("hierarchical", num_experts=8, gate_source="logit_column")
     assert groups.route(make_batch(torch.zeros(3, 8))).num_experts == 8

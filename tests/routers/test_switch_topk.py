@@ -92,6 +92,7 @@ def test_switch_without_jitter_draws_no_noise(make_batch):
     [
         ({"jitter": -0.5}, r"jitter must be in \[0, 1\)"),
         ({"jitter": 1.0}, r"jitter must be in \[0, 1\)"),
+        ({"jitter": 1.5}, r"jitter must be in \[0, 1\)"),
         ({"jitter": "x"}, r"jitter"),
         ({"batch_prioritized": 2}, "batch_prioritized must be true or false"),
     ],
@@ -104,7 +105,8 @@ def test_switch_config_errors(opts, match):
 def test_switch_capacity_factor_defaults_to_one(make_batch):
     router = build_router("switch", num_experts=8)
     assert router.config.capacity_factor == 1.0
-    assert router.route(make_batch(torch.zeros(64, 8))).capacity == 8  # ceil(64 * 1 / 8 * 1.0)
+    plan = router.route(make_batch(torch.zeros(64, 8)))
+    assert plan.capacity == 8 and plan.top_k == 1  # ceil(64 * 1 / 8 * 1.0); K = 1
 
 
 def test_switch_aux_loss_by_hand(make_batch):
