@@ -640,3 +640,11 @@ def test_as_int64_wraps_at_two_to_the_63():
     assert _as_int64(1 << 63) == -(1 << 63)
     assert _as_int64((1 << 64) - 1) == -1
     assert _as_int64((1 << 64) + 5) == 5
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_hierarchical_nllb_takes_top_two_only(k):
+    with pytest.raises(
+        RoutingError, match=rf"form 'nllb' runs GShard top-2 in its MoE branch: top_k must be 2 \(got {k}\)"
+    ):
+        build_router("hierarchical", form="nllb", num_experts=8, top_k=k)
