@@ -40,6 +40,18 @@ def token_major_order(token_N: torch.Tensor) -> torch.Tensor:
     return torch.sort(key, stable=True).indices
 
 
+def by_token(d: Dispatch, layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept assignments listed by token, priority order inside each token (what combine reads).
+
+    Returns order_N [N] (indices into the ``*_N`` arrays), rows_N [N] (each one's compact row, or
+    padded slot, in that order) and bounds_T1 [T + 1] int64: token t's are ``bounds[t]:bounds[t + 1]``.
+    """
+    order_N = token_major_order(d.token_N)
+    bounds_T1 = torch.zeros(d.num_tokens + 1, dtype=torch.int64, device=d.device)
+    torch.cumsum(torch.bincount(d.token_N, minlength=d.num_tokens), 0, out=bounds_T1[1:])
+    return order_N, (d.row_N if layout == "compact" else d.slot_N)[order_N], bounds_T1
+
+
 def _check_x(x_TD: torch.Tensor, d: Dispatch) -> None:
     if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or x_TD.shape[0] != d.num_tokens:
         raise ValueError(f"x_TD must be [T, D] with T={d.num_tokens} (got {getattr(x_TD, 'shape', x_TD)})")
@@ -102,16 +114,14 @@ def combine(y: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.Tens
     dim, t = y.shape[-1], d.num_tokens
     acc = accumulate_dtype(y.dtype)
     y_MD = y.reshape(-1, dim)
-    row_N = d.row_N if layout == "compact" else d.slot_N
-    # Per token, its kept rows in priority order (a stable sort by token), then one weighted
-    # gather-sum per token: embedding_bag(mode="sum", per_sample_weights) reads each kept row once
-    # and writes each output row once, with no [N, D] temporary; a token with no row gets zeros.
-    order_N = token_major_order(d.token_N)
-    counts_T = torch.bincount(d.token_N, minlength=t)
+    # Per token, its kept rows in priority order, then one weighted gather-sum per token:
+    # embedding_bag(mode="sum", per_sample_weights) reads each kept row once and writes each output
+    # row once, with no [N, D] temporary; a token with no row gets zeros.
+    order_N, rows_N, bounds_T1 = by_token(d, layout)
     out_TD = F.embedding_bag(
-        row_N[order_N],
+        rows_N,
         y_MD.to(acc),
-        torch.cumsum(counts_T, 0) - counts_T,
+        bounds_T1[:t],
         mode="sum",
         per_sample_weights=d.weight_N[order_N].to(acc),
     )
@@ -136,16 +146,12 @@ def permute_into(x_TD: torch.Tensor, d: Dispatch, layout: str, ws: Workspace) ->
 def gate_matrix(d: Dispatch, layout: str, dtype: torch.dtype) -> torch.Tensor:
     """combine as a sparse matrix: [T, M] CSR, row t holding token t's kept rows (columns: compact
     rows, or padded slots) with their gates, in priority order. ``out_TD = G @ y_MD``."""
-    t = d.num_tokens
     m = d.num_kept if layout == "compact" else d.num_experts * d.padded_capacity
-    order_N = token_major_order(d.token_N)
-    crow = torch.zeros(t + 1, dtype=torch.int64, device=d.device)
-    torch.cumsum(torch.bincount(d.token_N, minlength=t), 0, out=crow[1:])
-    col = (d.row_N if layout == "compact" else d.slot_N)[order_N]
+    order_N, rows_N, bounds_T1 = by_token(d, layout)
     gates = d.weight_N.detach()[order_N].to(dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return torch.sparse_csr_tensor(crow, col, gates, size=(t, m), check_invariants=False)
+        return torch.sparse_csr_tensor(bounds_T1, rows_N, gates, size=(d.num_tokens, m), check_invariants=False)
 
 
 def _sparse_combine_runs(y: torch.Tensor) -> bool:

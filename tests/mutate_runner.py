@@ -89,14 +89,15 @@ def _request(sock_path: str, payload: dict, timeout: float) -> int:
 
 def run(worker: Path, module: str) -> int:
     """Cosmic Ray's test command (cwd: the worker's mutated copy)."""
-    spec = json.loads((worker / "runner.json").read_text())[module]
+    specs = json.loads((worker / "runner.json").read_text())
+    spec = specs[module]
     path = spec["path"]
     lines = changed_lines((worker / "pristine" / path).read_text(), Path(path).read_text())
     table = json.loads(Path(spec["coverage"]).read_text())
     tests = select_tests(table.get(path, {}), lines, spec["fallback"], table.get("_seconds"))
     args = ["-x", "-q", "-p", "no:cacheprovider", *tests]
     # every module this worker mutates is compiled afresh (its cached bytecode could be a mutant's)
-    fresh = [m["path"] for m in json.loads((worker / "runner.json").read_text()).values()]
+    fresh = [m["path"] for m in specs.values()]
     payload = {"cwd": os.getcwd(), "args": args, "fresh": fresh}
     code = _request(str(worker / "server.sock"), payload, spec["timeout"] + 30)
     if code in RUNNER_ERRORS:
