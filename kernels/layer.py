@@ -19,7 +19,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-from . import einsum_backend, torch_backend, triton_backend
+from . import einsum_backend, native_backend, torch_backend, triton_backend
 from .backend import Backend
 from .dispatch import Dispatch, make_dispatch
 from .experts import ExpertFFN
@@ -31,7 +31,7 @@ STAGES = ("dispatch", "experts", "combine")
 # Every dispatch backend, by name. Registered everywhere: the triton backend imports triton only
 # when a call can run (a CUDA GPU, or the interpreter on CPU) and otherwise says why it cannot.
 BACKENDS: dict[str, Backend] = {
-    b.name: b for b in (torch_backend.BACKEND, einsum_backend.BACKEND, triton_backend.BACKEND)
+    b.name: b for b in (torch_backend.BACKEND, einsum_backend.BACKEND, triton_backend.BACKEND, native_backend.BACKEND)
 }
 
 

@@ -21,6 +21,15 @@ def check_expert_R(expert_R: torch.Tensor, num_experts: int) -> None:
         raise ValueError(f"num_experts must be an integer in [1, 2**31) (got {num_experts!r})")
 
 
+def check_expert_ids(expert_R: torch.Tensor, num_experts: int) -> None:
+    """``check_expert_R``, then every id inside [0, num_experts) (one host sync): a kernel indexing
+    counts by an id out of range would write past its memory."""
+    check_expert_R(expert_R, num_experts)
+    if expert_R.shape[0] and (int(expert_R.min()) < 0 or int(expert_R.max()) >= num_experts):
+        lo, hi = int(expert_R.min()), int(expert_R.max())
+        raise ValueError(f"expert_R values must lie in [0, {num_experts}) (got {lo}..{hi})")
+
+
 def expert_counts(expert_R: torch.Tensor, num_experts: int) -> torch.Tensor:
     """[E] int64 number of requests per expert."""
     check_expert_R(expert_R, num_experts)
@@ -34,11 +43,8 @@ def positions(expert_R: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     Returns (rank_R [R] int64, counts_E [E] int64 requested load per expert).
     Memory O(R + E): a stable sort by expert, never a one-hot [R, E].
     """
-    check_expert_R(expert_R, num_experts)
+    check_expert_ids(expert_R, num_experts)
     r = expert_R.shape[0]
-    if r and (int(expert_R.min()) < 0 or int(expert_R.max()) >= num_experts):
-        lo, hi = int(expert_R.min()), int(expert_R.max())
-        raise ValueError(f"expert_R values must lie in [0, {num_experts}) (got {lo}..{hi})")
     counts_E = torch.bincount(expert_R, minlength=num_experts)
     # int32 keys sort twice as fast and E < 2**31 fits; stability keeps priority order per expert.
     order_R = torch.sort(expert_R.to(torch.int32), stable=True).indices

@@ -102,3 +102,24 @@ def test_no_code_imports_a_bare_root_name():
                 names = [node.module]
             offenders += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] in BARE]
     assert not offenders, offenders
+
+
+def test_every_data_file_the_code_reads_is_installed():
+    # Files beside the modules that are not Python (sweep configs, the native backend's C source)
+    # reach a wheel only through package-data globs.
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    missing = []
+    for root in ROOTS:
+        for path in (REPO / root).rglob("*"):
+            if not path.is_file() or path.suffix in (".py", ".pyc") or "__pycache__" in path.parts:
+                continue
+            rel = path.relative_to(REPO / root)
+            package = ".".join(("moe_routing_bench", root, *rel.parts[:-1]))
+            pkg_globs = [(package, g) for g in data.get(package, [])]
+            # A glob of a parent package may reach into a sub-folder (configs/*.toml).
+            for depth in range(1, len(rel.parts)):
+                parent = ".".join(("moe_routing_bench", root, *rel.parts[: depth - 1]))
+                pkg_globs += [(parent, g) for g in data.get(parent, [])]
+            if not any(path.match(str(REPO / root / Path(*p.split(".")[2:]) / g)) for p, g in pkg_globs):
+                missing.append(str(path.relative_to(REPO)))
+    assert not missing, f"not in [tool.setuptools.package-data]: {missing}"

@@ -6,8 +6,9 @@ Not collected by ``make test`` (it lives outside tests/ and is not named test_*)
 data: ``CASE`` per device, ``OPS`` x ``PROVIDERS``; every callable and its byte count come from
 ``bench.microbench.kernel_cases`` (setup + make_fn + bytes_moved), the same code the GPU check times.
 
-Providers: ``torch`` (the CPU fast path and the reference), ``triton`` (CUDA only: on a CPU it
-runs only interpreted, which measures numpy), and ``copy``, a plain device copy moving the same
+Providers: ``torch`` (the reference, and the CPU path of torch ops), ``native`` (the C kernels,
+on a CPU where a C compiler is found), ``triton`` (CUDA only: on a CPU it runs only interpreted,
+which measures numpy), and ``copy``, a plain device copy moving the same
 bytes as the op it stands beside. The last test prints, per layout, the ratio the CPU goal is
 stated in: copy time of permute's and combine's bytes over their time (100% = copy speed), timed
 interleaved round by round so that a shared machine's drifting load hits both sides alike.
@@ -23,6 +24,7 @@ import torch
 from moe_routing_bench.bench.microbench import peers
 from moe_routing_bench.bench.microbench.kernel_cases import DTYPES, Case, bytes_moved, copy_fn, make_fn, setup
 from moe_routing_bench.bench.timing import CpuHeap, sync, time_alternating
+from moe_routing_bench.kernels.layer import get_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # CPU: the goal's shape (T = 16384, D = 1024, float32; top-2 of 64 experts). GPU: the same in bf16.
@@ -34,7 +36,11 @@ OPS = [
     ("combine", "compact"),
     ("combine", "padded"),
 ]
-PROVIDERS = ["torch", "copy"] + (["triton"] if DEVICE.type == "cuda" else [])
+PROVIDERS = (
+    ["torch", "copy"]
+    + (["triton"] if DEVICE.type == "cuda" else [])
+    + (["native"] if get_backend("native").unavailable(DEVICE) is None else [])
+)
 _SETUPS: dict[str, object] = {}
 
 
@@ -136,10 +142,12 @@ def test_round_trip_against_the_peers(request):
             "moved, medians of 15 interleaved rounds:"
         )
         for name, s in med.items():
-            print(f"  {name:<16} {s * 1e3:8.1f} ms  {rt.nbytes / s / 1e9:6.2f} GB/s")
-        if "megatron" in med:
-            print(f"  ours is {med['megatron'] / med['ours']:.2f}x Megatron-core's unfused permute+unpermute")
-        print(f"  ours+workspace runs at {med['copy-reused'] / med['ours+workspace']:.0%} of a copy into reused memory")
+            print(f"  {name:<22} {s * 1e3:8.1f} ms  {rt.nbytes / s / 1e9:6.2f} GB/s")
+        for name in [n for n in med if n.startswith("ours")]:
+            if "megatron" in med:
+                print(f"  {name} is {med['megatron'] / med[name]:.2f}x Megatron-core's unfused permute+unpermute")
+            if name.endswith("+workspace"):
+                print(f"  {name} runs at {med['copy-reused'] / med[name]:.0%} of a copy into reused memory")
     if heap is not None:
         heap.exact()
 

@@ -40,7 +40,7 @@ from moe_routing_bench.routers.contract import capacity
 
 OPS = ("positions", "permute", "combine")
 DIRECTIONS = ("fwd", "bwd")
-PROVIDERS = ("torch", "triton")
+PROVIDERS = ("torch", "triton", "native")
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,10 @@ def _backend(provider: str):
         from moe_routing_bench.kernels import triton_backend
 
         return triton_backend
+    if provider == "native":
+        from moe_routing_bench.kernels import native_backend
+
+        return native_backend
     raise ValueError(f"provider must be one of {PROVIDERS} (got {provider!r})")
 
 
@@ -140,6 +144,10 @@ def make_fn(provider: str, op: str, direction: str, s: Setup) -> Callable[[], ob
             raise ValueError("positions has no backward")
         if provider == "torch":
             return lambda: torch_positions(s.expert_R, d.num_experts)
+        if provider == "native":
+            from moe_routing_bench.kernels import native_backend
+
+            return lambda: native_backend.positions(s.expert_R, d.num_experts)
         from moe_routing_bench.kernels import triton_positions
 
         return lambda: triton_positions.positions(s.expert_R, d.num_experts)

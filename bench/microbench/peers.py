@@ -10,6 +10,8 @@ region. Providers:
 
 - ``ours``: make_dispatch + permute + combine (the torch backend, compact layout);
 - ``ours+workspace``: the same writing into a reused ``Workspace`` (forward only);
+- ``ours-native``: the native backend (C kernels: streaming row scatter, counting-sort combine),
+  CPU, where a C compiler is found; ``ours-native+workspace`` writing into a reused ``Workspace``;
 - ``ours-triton``: the triton backend (its positions kernel, permute and combine), where it runs;
 - ``megatron``: ``megatron.core.transformer.moe.moe_utils.permute`` + ``unpermute`` (unfused);
 - ``copy``: a copy of the same bytes into a fresh buffer, ``copy-reused``: into a preallocated one.
@@ -117,9 +119,12 @@ def copies(rt: RoundTrip) -> dict[str, Provider]:
 def providers(rt: RoundTrip) -> dict[str, Provider]:
     """Every round-trip provider, ours first."""
     why = get_backend("triton").unavailable(rt.x_TD.device)
+    why_native = get_backend("native").unavailable(rt.x_TD.device)
     return {
         "ours": (ours(rt), None),
         "ours+workspace": (ours(rt, Workspace()), None),
+        "ours-native": (ours(rt, backend="native"), None) if why_native is None else (None, why_native),
+        "ours-native+workspace": (ours(rt, Workspace(), "native"), None) if why_native is None else (None, why_native),
         "ours-triton": (ours(rt, backend="triton"), None) if why is None else (None, why),
         "megatron": megatron(rt),
         **copies(rt),

@@ -354,7 +354,7 @@ def test_import_kernels_without_triton():
         "try:\n    layer.resolve_backend('triton', 'cpu')\nexcept ValueError as e:\n    print(e)\n"
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert "['torch', 'einsum'] torch" in res.stdout and "not installed" in res.stdout
+    assert "['torch', 'einsum'" in res.stdout and "] torch" in res.stdout and "not installed" in res.stdout
 
 
 def _i64(*shape: int, device: str = "cpu") -> torch.Tensor:

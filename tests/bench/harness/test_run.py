@@ -219,7 +219,7 @@ def test_ctrl_c_leaves_a_consistent_run(tmp_path, run_dir, trouble_plugin, small
     [
         (["--routers", "nope"], "unknown router 'nope'; valid routers:"),
         (["--workloads", "nope"], "unknown workload 'nope'; valid workloads:"),
-        (["--backend", "cuda-magic"], "--backend must be one of torch, einsum, triton (got 'cuda-magic')"),
+        (["--backend", "cuda-magic"], "--backend must be one of torch, einsum, triton, native (got 'cuda-magic')"),
         (["--dtype", "float8"], "--dtype must be one of float32, float16, bfloat16"),
         (["--config", "nope"], "--config must be one of"),
         (["--routers", "switch", "--top-k", "x"], "--top-k expects comma-separated integers"),
