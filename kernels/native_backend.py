@@ -42,7 +42,7 @@ from . import torch_backend
 from .backend import Backend
 from .dispatch import LAYOUTS, Dispatch, analytic_buffer_bytes, check_layout
 from .positions import check_expert_ids
-from .torch_backend import _check_x, _check_y
+from .torch_backend import _check_x, _check_y, zero_unused_slots
 from .workspace import Workspace
 
 SOURCE = Path(__file__).with_name("native_kernels.c")
@@ -148,14 +148,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.moe_scatter_rows.argtypes = [p, p, p, p, i64, i64, c_int, c_int]
     lib.moe_scatter_rows.restype = None
-    lib.moe_csr_by_token.argtypes = [p, p, p, i64, i64, p, p, p, p]
+    lib.moe_csr_by_token.argtypes = [p, p, p, i64, i64, p, p, p]
     lib.moe_csr_by_token.restype = None
     lib.moe_gather_sum_f32.argtypes = [p, p, p, p, p, i64, i64, c_int, c_int]
     lib.moe_gather_sum_f32.restype = None
     lib.moe_positions.argtypes = [p, i64, i64, p, p]
     lib.moe_positions.restype = None
-    lib.moe_can_stream.argtypes = [p, i64]
-    lib.moe_can_stream.restype = c_int
 
 
 def runtime_error(device: torch.device | str) -> str | None:
@@ -204,13 +202,11 @@ def positions(expert_R: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
 
 def _scatter(buf_MD: torch.Tensor, x_TD: torch.Tensor, d: Dispatch, layout: str) -> torch.Tensor:
     """Fill buf_MD [M, D] (contiguous) with the kept token rows; unused padded slots zero."""
-    rows_N, m = _buffer_rows(d, layout)
+    rows_N, _ = _buffer_rows(d, layout)
     lib = _lib(x_TD.device)
     n, row_bytes = d.num_kept, buf_MD.shape[1] * buf_MD.element_size()
-    if n < m:
-        unused_M = torch.ones(m, dtype=torch.bool, device=buf_MD.device)
-        unused_M[rows_N] = False
-        buf_MD.index_fill_(0, torch.nonzero(unused_M).squeeze(1), 0)
+    if layout == "padded":
+        zero_unused_slots(buf_MD, d)
     if n and row_bytes:
         x, token_N, rows_N = x_TD.contiguous(), d.token_N.contiguous(), rows_N.contiguous()
         nbytes = n * row_bytes
@@ -228,28 +224,26 @@ def _scatter(buf_MD: torch.Tensor, x_TD: torch.Tensor, d: Dispatch, layout: str)
 
 
 def _csr(d: Dispatch, layout: str, weight_N: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """ptr_T1 [T + 1], order_N, rows_N (buffer rows) and w_N (float32 gates), token-major."""
+    """ptr_T1 [T + 1], rows_N (buffer rows) and w_N (float32 gates), token-major."""
     lib = _lib(d.device)
     rows_in, _ = _buffer_rows(d, layout)
     n, t = d.num_kept, d.num_tokens
     w_in = weight_N.detach().to(torch.float32).contiguous()
     ptr = torch.empty(t + 1, dtype=torch.int64)
-    order = torch.empty(n, dtype=torch.int64)
     rows = torch.empty(n, dtype=torch.int64)
     w = torch.empty(n, dtype=torch.float32)
     token = d.token_N.contiguous()
     rows_in = rows_in.contiguous()
     lib.moe_csr_by_token(
-        token.data_ptr(), rows_in.data_ptr(), w_in.data_ptr(), n, t, ptr.data_ptr(), order.data_ptr(),
-        rows.data_ptr(), w.data_ptr(),
+        token.data_ptr(), rows_in.data_ptr(), w_in.data_ptr(), n, t, ptr.data_ptr(), rows.data_ptr(), w.data_ptr(),
     )  # fmt: skip
-    return ptr, order, rows, w
+    return ptr, rows, w
 
 
 def _gather_sum(out_TD: torch.Tensor, y_MD: torch.Tensor, d: Dispatch, layout: str, weight_N: torch.Tensor) -> None:
     """out_TD [T, D] float32 (contiguous) = each token's gated sum of its kept rows of y_MD."""
     lib = _lib(y_MD.device)
-    ptr, _, rows, w = _csr(d, layout, weight_N)
+    ptr, rows, w = _csr(d, layout, weight_N)
     t, dim = out_TD.shape
     if t == 0 or dim == 0:
         return

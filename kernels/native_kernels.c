@@ -97,7 +97,7 @@ static inline void zero_bytes(char *dst, int64_t bytes, int stream) {
 }
 
 /* 1 when streaming stores may be used for rows of `bytes` bytes starting at `base`. */
-int moe_can_stream(const void *base, int64_t bytes) {
+static int can_stream(const void *base, int64_t bytes) {
 #ifdef MOE_STREAM
   return ((uintptr_t)base % 32 == 0) && bytes % 32 == 0;
 #else
@@ -137,24 +137,23 @@ static void scatter_range(const void *a, int64_t lo, int64_t hi) {
 void moe_scatter_rows(void *dst, const void *src, const int64_t *src_row, const int64_t *dst_row, int64_t n,
                       int64_t row_bytes, int threads, int stream) {
   scatter_args s = {(char *)dst, (const char *)src, src_row, dst_row, row_bytes,
-                    stream && moe_can_stream(dst, row_bytes)};
+                    stream && can_stream(dst, row_bytes)};
   parallel(scatter_range, &s, n, threads);
 }
 
 /* ---- combine: out[t] = sum over t's kept assignments, in priority order, of w * y[row] ------- */
 
 /* Token-major lists by a stable counting sort of token_N: token t's assignments are entries
- * ptr[t] .. ptr[t+1]-1 of order (indices into the *_N arrays, ascending, i.e. priority order),
- * rows (row_N[order]) and w (w_N[order]). ptr has t + 1 entries. */
+ * ptr[t] .. ptr[t+1]-1 of rows (their row_N) and w (their w_N), in ascending index, i.e.
+ * priority, order. ptr has t + 1 entries. */
 void moe_csr_by_token(const int64_t *token_N, const int64_t *row_N, const float *w_N, int64_t n, int64_t t,
-                      int64_t *ptr, int64_t *order, int64_t *rows, float *w) {
+                      int64_t *ptr, int64_t *rows, float *w) {
   memset(ptr, 0, (size_t)(t + 1) * sizeof(int64_t));
   for (int64_t i = 0; i < n; ++i) ptr[token_N[i] + 1] += 1;
   for (int64_t i = 0; i < t; ++i) ptr[i + 1] += ptr[i];
   /* ptr[tok] is token tok's next free entry; afterwards it is its end, i.e. the next one's start. */
   for (int64_t i = 0; i < n; ++i) {
     int64_t at = ptr[token_N[i]]++;
-    order[at] = i;
     rows[at] = row_N[i];
     w[at] = w_N[i];
   }
@@ -240,6 +239,6 @@ static void gsum_range(const void *a, int64_t lo, int64_t hi) {
  * file is compiled with -ffp-contract=off), as torch's embedding_bag with per-sample weights. */
 void moe_gather_sum_f32(float *out, const float *y, const int64_t *ptr, const int64_t *rows, const float *w,
                         int64_t t, int64_t d, int threads, int stream) {
-  gsum_args g = {out, y, ptr, rows, w, d, stream && moe_can_stream(out, d * (int64_t)sizeof(float))};
+  gsum_args g = {out, y, ptr, rows, w, d, stream && can_stream(out, d * (int64_t)sizeof(float))};
   parallel(gsum_range, &g, t, threads);
 }

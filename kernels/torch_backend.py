@@ -52,6 +52,15 @@ def by_token(d: Dispatch, layout: str) -> tuple[torch.Tensor, torch.Tensor, torc
     return order_N, (d.row_N if layout == "compact" else d.slot_N)[order_N], bounds_T1
 
 
+def zero_unused_slots(buf_MD: torch.Tensor, d: Dispatch) -> None:
+    """Zero the rows of a padded buffer ``buf_MD`` [E * C, D] that hold no kept assignment."""
+    m = buf_MD.shape[0]
+    if d.num_kept < m:
+        unused_M = torch.ones(m, dtype=torch.bool, device=buf_MD.device)
+        unused_M[d.slot_N] = False
+        buf_MD.index_fill_(0, torch.nonzero(unused_M).squeeze(1), 0)
+
+
 def _check_x(x_TD: torch.Tensor, d: Dispatch) -> None:
     if not isinstance(x_TD, torch.Tensor) or x_TD.dim() != 2 or x_TD.shape[0] != d.num_tokens:
         raise ValueError(f"x_TD must be [T, D] with T={d.num_tokens} (got {getattr(x_TD, 'shape', x_TD)})")
@@ -91,10 +100,7 @@ def permute(x_TD: torch.Tensor, d: Dispatch, layout: str = "compact") -> torch.T
         token_M = torch.zeros(m, dtype=torch.int64, device=x_TD.device)
         token_M[d.slot_N] = d.token_N
         buf = x_TD.index_select(0, token_M)
-        if n < m:
-            unused_M = torch.ones(m, dtype=torch.bool, device=x_TD.device)
-            unused_M[d.slot_N] = False
-            buf.index_fill_(0, torch.nonzero(unused_M).squeeze(1), 0)
+        zero_unused_slots(buf, d)
         return buf.view(e, c, dim)
     buf = x_TD.new_zeros((m, dim))
     # In place on a fresh buffer: autograd records it, so gradient still flows back to x_TD's rows.

@@ -142,15 +142,8 @@ def make_fn(provider: str, op: str, direction: str, s: Setup) -> Callable[[], ob
     if op == "positions":
         if direction != "fwd":
             raise ValueError("positions has no backward")
-        if provider == "torch":
-            return lambda: torch_positions(s.expert_R, d.num_experts)
-        if provider == "native":
-            from moe_routing_bench.kernels import native_backend
-
-            return lambda: native_backend.positions(s.expert_R, d.num_experts)
-        from moe_routing_bench.kernels import triton_positions
-
-        return lambda: triton_positions.positions(s.expert_R, d.num_experts)
+        own = torch_positions if provider == "torch" else _backend(provider).positions
+        return lambda: own(s.expert_R, d.num_experts)
     impl = _backend(provider)
     if provider == "triton":
         impl.prepare(d, layout)  # index arrays are built once per Dispatch, outside the timing

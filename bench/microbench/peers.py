@@ -118,14 +118,17 @@ def copies(rt: RoundTrip) -> dict[str, Provider]:
 
 def providers(rt: RoundTrip) -> dict[str, Provider]:
     """Every round-trip provider, ours first."""
-    why = get_backend("triton").unavailable(rt.x_TD.device)
-    why_native = get_backend("native").unavailable(rt.x_TD.device)
+
+    def ours_on(backend: str, workspace: Workspace | None = None) -> Provider:
+        why = get_backend(backend).unavailable(rt.x_TD.device)
+        return (ours(rt, workspace, backend), None) if why is None else (None, why)
+
     return {
-        "ours": (ours(rt), None),
-        "ours+workspace": (ours(rt, Workspace()), None),
-        "ours-native": (ours(rt, backend="native"), None) if why_native is None else (None, why_native),
-        "ours-native+workspace": (ours(rt, Workspace(), "native"), None) if why_native is None else (None, why_native),
-        "ours-triton": (ours(rt, backend="triton"), None) if why is None else (None, why),
+        "ours": ours_on("torch"),
+        "ours+workspace": ours_on("torch", Workspace()),
+        "ours-native": ours_on("native"),
+        "ours-native+workspace": ours_on("native", Workspace()),
+        "ours-triton": ours_on("triton"),
         "megatron": megatron(rt),
         **copies(rt),
     }

@@ -16,6 +16,7 @@ from moe_routing_bench.kernels import torch_backend as tb
 from moe_routing_bench.kernels.dispatch import make_dispatch
 from moe_routing_bench.kernels.layer import dispatch_for
 from moe_routing_bench.kernels.positions import positions as torch_positions
+from moe_routing_bench.kernels.reference import random_plan
 from moe_routing_bench.kernels.workspace import Workspace
 
 pytestmark = pytest.mark.skipif(nb.runtime_error("cpu") is not None, reason=str(nb.runtime_error("cpu")))
@@ -37,11 +38,8 @@ def regime(request, monkeypatch):
 
 
 def _plan(t: int, e: int, k: int, cap: int | None, seed: int, requires_grad: bool = False):
-    gen = torch.Generator().manual_seed(seed)
-    expert_TK = torch.rand(t, e, generator=gen).topk(k, dim=1).indices
-    token_R = torch.arange(t).repeat(k)
-    expert_R = expert_TK.t().reshape(-1)
-    weight_R = torch.rand(t * k, generator=gen).requires_grad_(requires_grad)
+    token_R, expert_R, weight_R = random_plan(t, e, k, seed=seed)
+    weight_R.requires_grad_(requires_grad)
     return make_dispatch(token_R, expert_R, weight_R, t, e, cap), weight_R
 
 
